@@ -1,0 +1,33 @@
+"""wsconvert: Weight Standardization (arXiv:1903.10520) and BatchNorm -> GroupNorm for any PyTorch model."""
+
+from __future__ import annotations
+
+from .convert import bake, convert_model, plan_conversion
+from .errors import (
+    ArchitectureError,
+    CheckpointError,
+    InvalidOptionError,
+    UnsupportedModuleError,
+    WSConvertError,
+)
+from .report import ConversionReport
+from .rules import is_standardized
+from .standardize import WeightStandardization, standardize_weight
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "convert_model",
+    "plan_conversion",
+    "bake",
+    "is_standardized",
+    "standardize_weight",
+    "WeightStandardization",
+    "ConversionReport",
+    "WSConvertError",
+    "InvalidOptionError",
+    "UnsupportedModuleError",
+    "CheckpointError",
+    "ArchitectureError",
+    "__version__",
+]

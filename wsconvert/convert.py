@@ -1,0 +1,115 @@
+"""The public entry points: plan_conversion, convert_model and bake."""
+
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from . import compat
+from .errors import InvalidOptionError, WSConvertError
+from .options import ConversionOptions
+from .report import ConversionReport
+from .standardize import WeightStandardization
+from .walk import apply, build_report, plan
+
+__all__ = ["plan_conversion", "convert_model", "bake"]
+
+
+def _check_model(model: object) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise InvalidOptionError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(model)
+    except Exception as error:  # deepcopy runs arbitrary user __deepcopy__/__reduce__ code
+        raise WSConvertError(
+            f"cannot deep-copy the {type(model).__name__} to convert a copy ({type(error).__name__}: {error}); "
+            "pass inplace=True to convert the model itself"
+        ) from error
+
+
+def plan_conversion(
+    model: nn.Module,
+    *,
+    gn: int | None = None,
+    eps: float = 1e-5,
+    style: str = "standard",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    skip_depthwise: bool = False,
+    inplace: bool = False,
+) -> ConversionReport:
+    """What ``convert_model`` with these options would do, without touching ``model``.
+
+    ``inplace`` is accepted so the same keyword arguments can be passed to both functions.
+    """
+    options = ConversionOptions.build(
+        gn=gn, eps=eps, style=style, include=include, exclude=exclude, skip_depthwise=skip_depthwise
+    )
+    return build_report(plan(_check_model(model), options), options)
+
+
+def convert_model(
+    model: nn.Module,
+    *,
+    gn: int | None = None,
+    eps: float = 1e-5,
+    style: str = "standard",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    skip_depthwise: bool = False,
+    inplace: bool = False,
+) -> nn.Module:
+    """Put Weight Standardization on every conv weight and, with ``gn=G``, swap BatchNorm for GroupNorm.
+
+    Convs keep their class and their weight Parameter (now at ``parametrizations.weight.original``);
+    see ``plan_conversion`` for what is converted and skipped. With ``inplace=False`` the model is
+    deep-copied first and left untouched. Returns the converted model (a new module only when the
+    model itself is a BatchNorm layer).
+    """
+    options = ConversionOptions.build(
+        gn=gn, eps=eps, style=style, include=include, exclude=exclude, skip_depthwise=skip_depthwise
+    )
+    target = _check_model(model) if inplace else _copy(_check_model(model))
+    return apply(target, plan(target, options), options)
+
+
+def _only_standardization(module: nn.Module) -> bool:
+    chain = module.parametrizations["weight"]
+    return len(chain) > 0 and all(isinstance(p, WeightStandardization) for p in chain)
+
+
+def _own_parametrized_class(module: nn.Module) -> None:
+    """Give ``module`` a private copy of its ``Parametrized<Cls>`` class.
+
+    parametrize creates that class per module, but ``copy.deepcopy`` shares it between the original and
+    the copy, and ``remove_parametrizations`` deletes the property from the class: without this, baking
+    a copy would break the original model.
+    """
+    cls = type(module)
+    namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+
+
+def bake(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Replace every WS parametrization by its current standardized weight, as a plain Parameter.
+
+    The result computes the same outputs (bitwise, in eval), has plain module classes, pickles with
+    ``torch.save(model)``, scripts and exports. It no longer standardizes: bake for inference and export,
+    not to keep training. With ``inplace=False`` the model is deep-copied first.
+    """
+    target = _check_model(model) if inplace else _copy(_check_model(model))
+    with torch.no_grad():
+        for module in target.modules():
+            if parametrize.is_parametrized(module, "weight") and _only_standardization(module):
+                _own_parametrized_class(module)
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+                compat.remove_plain_weight_hook(module)
+    return target

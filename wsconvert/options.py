@@ -1,0 +1,94 @@
+"""ConversionOptions: the validated options shared by convert_model, plan_conversion and the CLI."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from .errors import InvalidOptionError
+from .standardize import validate_eps, validate_style
+
+__all__ = ["ConversionOptions"]
+
+
+def _patterns(name: str, value: str | Iterable[str] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    try:
+        patterns = tuple(value)
+    except TypeError:
+        raise InvalidOptionError(
+            f"{name}={value!r} must be a list of glob patterns on dotted module paths, e.g. ['layer4.*']"
+        ) from None
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern:
+            raise InvalidOptionError(
+                f"{name} contains {pattern!r}; each entry must be a non-empty glob string such as 'layer4.*'"
+            )
+    return patterns
+
+
+@dataclass(frozen=True)
+class ConversionOptions:
+    """What to convert and how. Build it with ``ConversionOptions.build(...)``, which validates."""
+
+    gn: int | None = None
+    eps: float = 1e-5
+    style: str = "standard"
+    include: tuple[str, ...] = field(default=())
+    exclude: tuple[str, ...] = field(default=())
+    skip_depthwise: bool = False
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        gn: int | None = None,
+        eps: float = 1e-5,
+        style: str = "standard",
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        skip_depthwise: bool = False,
+    ) -> ConversionOptions:
+        if gn is not None and (isinstance(gn, bool) or not isinstance(gn, int) or gn < 1):
+            raise InvalidOptionError(
+                f"gn={gn!r} must be an integer >= 1 (the number of GroupNorm groups, e.g. 32), "
+                "or None to keep the norm layers"
+            )
+        if not isinstance(skip_depthwise, bool):
+            raise InvalidOptionError(f"skip_depthwise={skip_depthwise!r} must be True or False")
+        return cls(
+            gn=gn,
+            eps=validate_eps(eps),
+            style=validate_style(style),
+            include=_patterns("include", include),
+            exclude=_patterns("exclude", exclude),
+            skip_depthwise=skip_depthwise,
+        )
+
+    def deselected_reason(self, paths: Sequence[str]) -> str | None:
+        """Why the module at ``paths`` is left out by include/exclude, or None when it is selected.
+
+        A module reachable at several paths is one object: converting it changes every path, so it is
+        selected only when every one of its paths is.
+        """
+        for path in paths:
+            for pattern in self.exclude:
+                if fnmatch.fnmatchcase(path, pattern):
+                    return f"excluded by pattern {pattern!r}" + (f" (at {path})" if len(paths) > 1 else "")
+            if self.include and not any(fnmatch.fnmatchcase(path, p) for p in self.include):
+                return "matches no include pattern" + (f" (at {path})" if len(paths) > 1 else "")
+        return None
+
+    def to_dict(self) -> dict:
+        return {
+            "gn": self.gn,
+            "eps": self.eps,
+            "style": self.style,
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            "skip_depthwise": self.skip_depthwise,
+        }

@@ -1,0 +1,106 @@
+"""ConversionReport: what a conversion did (or would do), as a table for people and a dict for machines."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["ConvertedModule", "SkippedModule", "GroupFallback", "ConversionReport"]
+
+
+@dataclass(frozen=True)
+class ConvertedModule:
+    path: str
+    old_type: str
+    new_type: str
+    action: str  # "standardized" (WS parametrization added in place) or "replaced" (a new module)
+    also_at: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SkippedModule:
+    path: str
+    type: str
+    reason: str
+    also_at: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GroupFallback:
+    path: str
+    channels: int
+    requested: int
+    groups: int
+
+
+@dataclass
+class ConversionReport:
+    """Every converted module, every skipped candidate with its reason, GroupNorm fallbacks and notes.
+
+    Paths are dotted module paths ("" is the model itself); a module shared at several paths is listed
+    once, at its first path, with the others in ``also_at``.
+    """
+
+    options: dict
+    converted: list[ConvertedModule] = field(default_factory=list)
+    skipped: list[SkippedModule] = field(default_factory=list)
+    group_fallbacks: list[GroupFallback] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """A JSON-serializable dict."""
+        return {
+            "options": dict(self.options),
+            "summary": self.summary(),
+            "converted": [asdict(c) | {"also_at": list(c.also_at)} for c in self.converted],
+            "skipped": [asdict(s) | {"also_at": list(s.also_at)} for s in self.skipped],
+            "group_fallbacks": [asdict(g) for g in self.group_fallbacks],
+            "notes": list(self.notes),
+        }
+
+    def summary(self) -> dict[str, int]:
+        standardized = sum(1 for c in self.converted if c.action == "standardized")
+        return {
+            "standardized": standardized,
+            "replaced": len(self.converted) - standardized,
+            "skipped": len(self.skipped),
+            "group_fallbacks": len(self.group_fallbacks),
+        }
+
+    def __str__(self) -> str:
+        counts = self.summary()
+        lines = [
+            f"wsconvert: {counts['standardized']} conv(s) weight-standardized, {counts['replaced']} norm layer(s) "
+            f"replaced, {counts['skipped']} skipped, {counts['group_fallbacks']} GroupNorm group fallback(s)"
+        ]
+        if self.converted:
+            lines += ["", "Converted:"]
+            lines += _table(
+                ("path", "from", "to"),
+                [(_where(c.path, c.also_at), c.old_type, c.new_type) for c in self.converted],
+            )
+        if self.skipped:
+            lines += ["", "Skipped:"]
+            lines += _table(
+                ("path", "type", "reason"), [(_where(s.path, s.also_at), s.type, s.reason) for s in self.skipped]
+            )
+        if self.group_fallbacks:
+            lines += ["", "GroupNorm groups (requested groups do not divide the channels):"]
+            lines += _table(
+                ("path", "channels", "requested", "used"),
+                [(g.path or "<model>", str(g.channels), str(g.requested), str(g.groups)) for g in self.group_fallbacks],
+            )
+        if self.notes:
+            lines += ["", "Notes:"] + [f"- {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def _where(path: str, also_at: tuple[str, ...]) -> str:
+    shown = path or "<model>"
+    return f"{shown} (+{len(also_at)} shared)" if also_at else shown
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    out = ["  " + "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    out += ["  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return out

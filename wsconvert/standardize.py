@@ -1,0 +1,202 @@
+"""The Weight Standardization math and the parametrization module that applies it.
+
+Weight Standardization (Qiao et al. 2019, "Micro-Batch Training with Batch-Channel Normalization and
+Weight Standardization", arXiv:1903.10520, eq. 5): every output filter W[i] of a convolution, seen as
+the vector of its I = in_channels/groups * prod(kernel) elements, is replaced by
+
+    W_hat[i] = (W[i] - mean(W[i])) / sigma(W[i])
+
+and the loss is optimized with respect to W. Two variants exist in public code (../shared notes, §2):
+
+- ``"standard"``: biased variance, eps inside the square root, ``(W - mean) / sqrt(var + eps)``. This is
+  timm's StdConv2d (timm/layers/std_conv.py), BiT and Composer. Computed with a single fused
+  ``F.layer_norm`` over each filter, which has a finite gradient even for a constant filter.
+- ``"paper"``: the authors' reference Conv2d (joe-siyuan-qiao/pytorch-classification, models/layers.py):
+  unbiased standard deviation with eps added to it, ``(W - mean) / (std + eps)``. The forward pass
+  matches that code; unlike it, the gradient stays finite when a filter's variance is exactly zero.
+
+Half and bfloat16 weights are standardized in float32 and cast back, since eps values of 1e-8..1e-10
+underflow in fp16 (lucidrains/denoising-diffusion-pytorch #233).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import InvalidOptionError
+
+__all__ = ["STYLES", "WeightStandardization", "standardize_weight", "validate_eps", "validate_style"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _standard(rows: Tensor, eps: float) -> Tensor:
+    """(W - mean) / sqrt(var_biased + eps) per row, as timm StdConv2d computes it."""
+    return F.layer_norm(rows, (rows.shape[1],), eps=eps)
+
+
+def _paper(rows: Tensor, eps: float) -> Tensor:
+    """(W - mean) / (std_unbiased + eps) per row, as the authors' reference Conv2d computes it."""
+    var, mean = torch.var_mean(rows, dim=1, correction=1, keepdim=True)
+    positive = var > 0
+    # sqrt has an infinite derivative at 0; route zero variances around it (forward value unchanged).
+    std = torch.where(positive, torch.where(positive, var, torch.ones_like(var)).sqrt(), torch.zeros_like(var))
+    return (rows - mean) / (std + eps)
+
+
+STYLES: dict[str, Callable[[Tensor, float], Tensor]] = {"standard": _standard, "paper": _paper}
+
+
+def validate_style(style: object) -> str:
+    if not isinstance(style, str) or style not in STYLES:
+        raise InvalidOptionError(
+            f"style={style!r} is not a weight standardization style; use one of {sorted(STYLES)}"
+        )
+    return style
+
+
+def validate_eps(eps: object) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise InvalidOptionError(
+            f"eps={eps!r} must be a finite number > 0 (it keeps constant filters from dividing by zero); "
+            "the default is 1e-5"
+        )
+    return float(eps)
+
+
+def _filters_as_rows(weight: Tensor, transposed: bool, groups: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """View ``weight`` as (out_channels, fan_in) rows, and return the function that undoes it.
+
+    Plain conv weights are (out, in/groups, *kernel). The row is taken in memory order (a view, no copy,
+    for contiguous and channels_last weights alike: the statistics do not depend on element order), and
+    the result keeps the weight's memory format. ConvTranspose weights are (in, out/groups, *kernel):
+    their output channel is dim 1 within each group, so they are regrouped (a copy).
+    """
+    shape = weight.shape
+    if transposed:
+        in_channels, out_per_group = shape[0], shape[1]
+        in_per_group = in_channels // groups
+        grouped = weight.reshape(groups, in_per_group, out_per_group, -1).transpose(1, 2)
+        rows = grouped.reshape(groups * out_per_group, -1)
+
+        def restore_transposed(out: Tensor) -> Tensor:
+            return out.reshape(groups, out_per_group, in_per_group, -1).transpose(1, 2).reshape(shape)
+
+        return rows, restore_transposed
+
+    inner = sorted(range(1, weight.dim()), key=lambda d: -weight.stride(d))
+    order = [0, *inner]
+    permuted = weight.permute(order)
+    if not permuted.is_contiguous():
+        permuted = permuted.contiguous()
+    inverse = [order.index(d) for d in range(weight.dim())]
+
+    def restore(out: Tensor) -> Tensor:
+        return out.view(permuted.shape).permute(inverse)
+
+    return permuted.view(shape[0], -1), restore
+
+
+def standardize_weight(
+    weight: Tensor,
+    eps: float = 1e-5,
+    style: str = "standard",
+    *,
+    transposed: bool = False,
+    groups: int = 1,
+) -> Tensor:
+    """Return the weight-standardized copy of a conv weight, per output channel (arXiv:1903.10520 eq. 5)."""
+    rows, restore = _filters_as_rows(weight, transposed, groups)
+    if rows.dtype in _LOW_PRECISION:
+        return restore(STYLES[style](rows.float(), eps).to(weight.dtype))
+    return restore(STYLES[style](rows, eps))
+
+
+class WeightStandardization(nn.Module):
+    """Parametrization W -> W_hat for ``torch.nn.utils.parametrize.register_parametrization``.
+
+    ``transposed`` and ``groups`` describe the weight layout: pass ``transposed=True`` and the conv's
+    ``groups`` for ConvTranspose weights (``WeightStandardization.for_conv`` reads them from the module).
+
+    When W cannot receive a gradient through this call (under ``torch.no_grad`` / inference mode, or a
+    frozen W), W_hat is cached and reused until W changes. The cache key is W's storage address,
+    version counter (bumped by optimizer steps, ``load_state_dict`` and any in-place edit), dtype,
+    device, shape and strides; ``.to()`` / ``.half()`` / ``.cuda()`` clear it, and so does every
+    forward that records gradients. Code that rewrites W while hiding the version bump can call
+    ``clear_cache()``; ``cache=False`` turns caching off.
+    """
+
+    def __init__(
+        self,
+        eps: float = 1e-5,
+        style: str = "standard",
+        *,
+        transposed: bool = False,
+        groups: int = 1,
+        cache: bool = True,
+    ) -> None:
+        super().__init__()
+        self.eps = validate_eps(eps)
+        self.style = validate_style(style)
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise InvalidOptionError(f"groups={groups!r} must be an integer >= 1 (the conv's groups)")
+        self.transposed = bool(transposed)
+        self.groups = groups
+        self.cache = bool(cache)
+        self._cached: tuple[tuple, Tensor, Tensor] | None = None
+
+    @classmethod
+    def for_conv(cls, conv: nn.Module, eps: float = 1e-5, style: str = "standard") -> WeightStandardization:
+        """The parametrization matching ``conv``'s weight layout (transposed or not, its groups)."""
+        return cls(eps, style, transposed=bool(getattr(conv, "transposed", False)), groups=int(conv.groups))
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if not self.cache or _must_recompute(weight):
+            self._cached = None
+            return standardize_weight(weight, self.eps, self.style, transposed=self.transposed, groups=self.groups)
+        key = (
+            weight.data_ptr(),
+            weight._version,
+            weight.dtype,
+            weight.device,
+            weight.shape,
+            weight.stride(),
+            torch.is_inference_mode_enabled(),  # inference tensors must not leak out of inference mode
+        )
+        if self._cached is not None and self._cached[0] == key:
+            return self._cached[2]
+        result = standardize_weight(weight, self.eps, self.style, transposed=self.transposed, groups=self.groups)
+        # Holding an alias of W keeps its storage alive, so its address cannot be reused by another tensor.
+        self._cached = (key, weight.detach(), result)
+        return result
+
+    def clear_cache(self) -> None:
+        self._cached = None
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's own signature
+        self._cached = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state["_cached"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        layout = f", transposed=True, groups={self.groups}" if self.transposed else ""
+        return f"eps={self.eps}, style={self.style!r}{layout}"
+
+
+def _must_recompute(weight: Tensor) -> bool:
+    """True when the result must be built fresh: gradients flow to W, or a compiler/tracer is recording."""
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return True
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return True
+    return False
