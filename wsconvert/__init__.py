@@ -13,6 +13,7 @@ from .errors import (
 from .report import ConversionReport
 from .rules import is_standardized
 from .standardize import WeightStandardization, standardize_weight
+from .wholemodel import load
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,7 @@ __all__ = [
     "convert_model",
     "plan_conversion",
     "bake",
+    "load",
     "is_standardized",
     "standardize_weight",
     "WeightStandardization",

@@ -1,0 +1,430 @@
+"""Checkpoint files: format sniffing, safe loading, layout detection and atomic writing.
+
+Formats are told apart by content, not by file name: a ``torch.save`` zip archive, the legacy
+(pre-1.6) ``torch.save`` pickle stream, a safetensors file, or a TorchScript archive (refused).
+``torch.save`` files are always opened with ``torch.load(weights_only=True, mmap=True)`` first, with an
+allowlist of the few non-tensor classes that known training-checkpoint layouts store (timm train.py and
+the torchvision references keep their ``args`` as an ``argparse.Namespace``; metrics may be numpy
+scalars). A file that needs anything else is a pickle that runs code when loaded: it is only opened
+with ``trust_pickle=True`` (../shared notes, §3.12).
+
+Layouts (../shared notes, §3.11): a raw state dict; a training checkpoint holding model state dicts
+under keys such as ``state_dict``, ``state_dict_ema`` (timm), ``model``, ``model_ema`` (torchvision
+references, an AveragedModel with ``n_averaged`` + ``module.*`` keys), Lightning's ``state_dict`` with
+attribute prefixes; key prefixes such as ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) are found
+by matching keys against the architecture (:func:`match_prefix`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pickle
+import secrets
+import struct
+import zipfile
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+
+__all__ = [
+    "INFO_KEY",
+    "METADATA_INFO_KEY",
+    "MODEL_KEYS",
+    "Loaded",
+    "default_output_path",
+    "drop_reason",
+    "is_state_dict",
+    "load_checkpoint",
+    "match_prefix",
+    "read_info",
+    "safe_globals",
+    "sniff",
+    "write_atomic",
+    "write_safetensors",
+    "write_torch",
+]
+
+# Where the options and version are recorded: a top-level entry of a checkpoint dict, an entry of a raw
+# state dict's ``_metadata`` (which load_state_dict only reads per module path, so it never interferes),
+# and a key of safetensors' string metadata.
+INFO_KEY = "wsconvert"
+METADATA_INFO_KEY = "__wsconvert__"
+
+# Keys under which known training-checkpoint layouts keep a model state dict.
+MODEL_KEYS = ("state_dict", "state_dict_ema", "model", "model_ema", "ema", "model_state_dict", "module", "net")
+# Keys of learning-rate scheduler state (tied to the optimizer's parameter groups).
+SCHEDULER_KEYS = ("lr_scheduler", "lr_schedulers", "scheduler", "schedulers", "scheduler_state_dict")
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = 0x80
+
+
+def safe_globals() -> list:
+    """The classes and functions that weights_only loading may rebuild beyond tensors and containers."""
+    allowed: list = [argparse.Namespace]
+    try:
+        import numpy as np
+    except ImportError:  # numpy is optional for torch
+        return allowed
+    core = getattr(np, "_core", None) or np.core
+    allowed += [core.multiarray.scalar, np.dtype]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        allowed += [
+            getattr(dtypes, name)
+            for name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType", "BoolDType")
+            if hasattr(dtypes, name)
+        ]
+    return allowed
+
+
+def _allowed_names() -> set[str]:
+    return {f"{g.__module__}.{g.__qualname__}" for g in safe_globals()}
+
+
+@dataclass
+class Loaded:
+    """A checkpoint read from disk.
+
+    ``format`` is "torch" or "safetensors"; ``kind`` is "state_dict" (a raw state dict), "checkpoint"
+    (a dict holding state dicts and other entries) or "module" (a whole pickled nn.Module).
+    """
+
+    path: Path
+    format: str
+    kind: str
+    obj: Any
+    metadata: dict[str, str] = field(default_factory=dict)
+    mmap: bool = False
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+def _check_input(path: Path) -> int:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; give the checkpoint file inside it")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
+    if size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes); it is not a checkpoint")
+    return size
+
+
+def _is_safetensors(head: bytes, size: int) -> bool:
+    if len(head) < 10:
+        return False
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return 0 < header_len <= size - 8 and head[8:9] == b"{"
+
+
+def sniff(path: str | os.PathLike) -> str:
+    """The file's format from its content: "torch-zip", "torch-legacy" or "safetensors".
+
+    Raises CheckpointError for a missing, empty, truncated or unrecognized file and for TorchScript.
+    """
+    path = Path(path)
+    size = _check_input(path)
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(_ZIP_MAGIC):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError) as error:
+            raise CheckpointError(
+                f"{path} is a truncated or corrupt zip archive ({error}); re-save or re-download it"
+            ) from None
+        if any("/code/" in name or name.endswith("/constants.pkl") for name in names):
+            raise CheckpointError(
+                f"{path} is a TorchScript archive (torch.jit.save): its modules are compiled code that wsconvert "
+                "cannot rewrite; convert the original Python model (or its state_dict() with --arch), then script it"
+            )
+        if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
+            raise CheckpointError(f"{path} is a zip archive but not a torch.save checkpoint (no data.pkl inside)")
+        return "torch-zip"
+    if _is_safetensors(head, size):
+        return "safetensors"
+    if head[:1] == bytes([_PICKLE_PROTO]):
+        return "torch-legacy"
+    raise CheckpointError(
+        f"{path} is not a PyTorch (torch.save) or safetensors checkpoint (it starts with bytes {head[:8]!r})"
+    )
+
+
+def _pickle_refusal(path: Path, unsafe: list[str]) -> CheckpointError:
+    shown = ", ".join(unsafe[:3]) + (f" (+{len(unsafe) - 3} more)" if len(unsafe) > 3 else "")
+    what = f" ({shown})" if shown else ""
+    return CheckpointError(
+        f"{path} holds pickled Python objects{what} beyond tensors, e.g. a whole model saved with "
+        "torch.save(model); loading such a pickle runs code from the file, so nothing in it was loaded. "
+        "If you trust the file, rerun with --trust-pickle; otherwise save model.state_dict() instead and pass --arch"
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def _torch_load(path: Path, fmt: str, trust_pickle: bool) -> tuple[Any, bool]:
+    mmap = fmt == "torch-zip"
+    unsafe: list[str] = []
+    if mmap:
+        try:
+            allowed = _allowed_names()
+            unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if g not in allowed]
+        except Exception as error:  # reading the pickle's opcodes only: any failure means a broken file
+            raise CheckpointError(f"cannot read {path}: {_first_line(error)} (truncated or corrupt?)") from None
+        if unsafe and not trust_pickle:
+            raise _pickle_refusal(path, unsafe)
+    weights_only = not unsafe
+    try:
+        with torch.serialization.safe_globals(safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap), mmap
+    except pickle.UnpicklingError as error:
+        if "weights_only" in str(error) or "Weights only load failed" in str(error):
+            if not trust_pickle:
+                raise _pickle_refusal(path, []) from None
+            try:
+                return torch.load(path, map_location="cpu", weights_only=False), False
+            except Exception as inner:  # code from a trusted pickle can raise anything
+                raise CheckpointError(f"cannot load {path} (--trust-pickle): {_first_line(inner)}") from None
+        raise CheckpointError(f"cannot read {path}: {_first_line(error)} (truncated or corrupt?)") from None
+    except CheckpointError:
+        raise
+    except Exception as error:  # torch raises RuntimeError/EOFError/... for broken archives
+        raise CheckpointError(f"cannot read {path}: {_first_line(error)} (truncated or corrupt?)") from None
+
+
+def _safetensors_load(path: Path) -> tuple[OrderedDict, dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = OrderedDict((key, f.get_tensor(key)) for key in f.keys())
+    except Exception as error:  # SafetensorError, OSError, ...
+        raise CheckpointError(f"cannot read safetensors file {path}: {_first_line(error)}") from None
+    if not tensors:
+        raise CheckpointError(f"{path} is a safetensors file without tensors; nothing to convert")
+    return tensors, metadata
+
+
+def load_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> Loaded:
+    """Read a checkpoint safely and tell its kind: raw state dict, training checkpoint or whole module.
+
+    Tensors are memory-mapped (``mmap=True`` / lazy safetensors), not copied into memory.
+    """
+    path = Path(path)
+    fmt = sniff(path)
+    if fmt == "safetensors":
+        tensors, metadata = _safetensors_load(path)
+        return Loaded(path, "safetensors", "state_dict", tensors, metadata, mmap=True)
+    obj, mmap = _torch_load(path, fmt, trust_pickle)
+    if isinstance(obj, torch.jit.ScriptModule):
+        raise CheckpointError(
+            f"{path} holds a TorchScript module, which wsconvert cannot rewrite; convert the "
+            "original Python model, then script it"
+        )
+    if isinstance(obj, nn.Module):
+        return Loaded(path, "torch", "module", obj, mmap=mmap)
+    if is_state_dict(obj):
+        return Loaded(path, "torch", "state_dict", obj, mmap=mmap)
+    if isinstance(obj, Mapping) and obj and all(isinstance(k, str) for k in obj):
+        return Loaded(path, "torch", "checkpoint", obj, mmap=mmap)
+    described = type(obj).__name__ + (" (empty)" if isinstance(obj, (Mapping, list, tuple)) and not obj else "")
+    raise CheckpointError(
+        f"{path} holds a {described}, not a model checkpoint; expected a state dict (str -> tensor), a training "
+        "checkpoint dict holding one, or a whole nn.Module"
+    )
+
+
+def is_state_dict(obj: object) -> bool:
+    """A non-empty mapping of str keys to tensors."""
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
+def _is_optimizer_state(value: object) -> bool:
+    if isinstance(value, Mapping):
+        return "state" in value and "param_groups" in value
+    if isinstance(value, (list, tuple)) and value:
+        return all(_is_optimizer_state(v) for v in value)
+    return False
+
+
+def drop_reason(key: str, value: object) -> str | None:
+    """Why a checkpoint entry is dropped from the output (optimizer / scheduler state), or None to keep it.
+
+    Optimizer state is positional (pytorch #1489) and the conversion changes parameter order and shapes
+    (parametrize moves conv weights, BatchNorm -> GroupNorm), so old state would silently misalign.
+    """
+    if _is_optimizer_state(value) or key in ("optimizer", "optimizers", "optimizer_states", "optimizer_state_dict"):
+        return "optimizer state: positional, no longer lines up with the converted model's parameters"
+    if key in SCHEDULER_KEYS:
+        return "scheduler state: tied to the dropped optimizer's parameter groups"
+    return None
+
+
+def match_prefix(keys: list[str], expected: set[str]) -> tuple[str, int]:
+    """The key prefix (e.g. "", "module.", "_orig_mod.", "model.") under which ``keys`` best match ``expected``.
+
+    Every key votes for each prefix that leaves an expected key; the prefix with most votes wins (the
+    shortest on a tie). Returns (prefix, number of keys matched).
+    """
+    votes: Counter[str] = Counter()
+    for key in keys:
+        parts = key.split(".")
+        for i in range(len(parts)):
+            if ".".join(parts[i:]) in expected:
+                votes[".".join(parts[:i]) + ("." if i else "")] += 1
+    if not votes:
+        return "", 0
+    prefix, count = max(votes.items(), key=lambda item: (item[1], -len(item[0])))
+    return prefix, count
+
+
+def read_info(obj: object) -> dict | None:
+    """The wsconvert record in a loaded output (checkpoint entry, state-dict metadata), if any."""
+    if isinstance(obj, Mapping):
+        info = obj.get(INFO_KEY) if not is_state_dict(obj) else None
+        if isinstance(info, Mapping):
+            return dict(info)
+        metadata = getattr(obj, "_metadata", None)
+        if isinstance(metadata, Mapping) and isinstance(metadata.get(METADATA_INFO_KEY), Mapping):
+            return dict(metadata[METADATA_INFO_KEY])
+    return None
+
+
+def default_output_path(path: str | os.PathLike) -> Path:
+    """``<stem>.ws<suffix>`` beside the input: model.pt -> model.ws.pt, m.safetensors -> m.ws.safetensors."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.ws{path.suffix}")
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+
+def _fsync_directory(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform/filesystem can open a directory
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def check_output_target(path: Path, *, force: bool) -> None:
+    """Fail early for an existing output (without ``force``) or a missing / unwritable directory."""
+    if path.is_dir():
+        raise CheckpointError(f"output {path} is a directory; give a file name")
+    if path.exists() and not force:
+        raise CheckpointError(f"output {path} already exists; pass --force to overwrite it or -o to pick another name")
+    directory = path.parent
+    if not directory.is_dir():
+        raise CheckpointError(f"output directory {directory} does not exist; create it first")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise CheckpointError(f"output directory {directory} is not writable; pick another with -o")
+
+
+@contextlib.contextmanager
+def write_atomic(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path in ``path``'s directory; on success fsync it and rename it to ``path``.
+
+    On any failure or interruption (KeyboardInterrupt included) the temporary file is removed and
+    ``path`` is untouched. Without ``force`` an existing ``path`` is never replaced, not even one that
+    appeared while writing (the final step is a hard link, which fails if the name exists).
+    """
+    path = Path(path)
+    check_output_target(path, force=force)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    try:  # like open(..., "x"): mode 0o666 less the umask, unlike mkstemp's private 0o600
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as error:
+        raise CheckpointError(f"cannot write to {path.parent}: {error.strerror or error}") from None
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        if force:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise CheckpointError(f"output {path} appeared while writing; pass --force to overwrite it") from None
+            except OSError:  # filesystems without hard links: fall back to a checked rename
+                if path.exists():
+                    raise CheckpointError(
+                        f"output {path} appeared while writing; pass --force to overwrite it"
+                    ) from None
+                os.replace(tmp, path)
+        _fsync_directory(path.parent)
+    except OSError as error:
+        raise CheckpointError(f"cannot write {path}: {error.strerror or error}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+class _CountingWriter:
+    """A binary file wrapper that reports the number of bytes written so far."""
+
+    def __init__(self, file: Any, on_bytes: Callable[[int], None]) -> None:
+        self._file = file
+        self._on_bytes = on_bytes
+        self._written = 0
+
+    def write(self, data: Any) -> int:
+        n = self._file.write(data)
+        self._written += len(memoryview(data).cast("B")) if n is None else n
+        self._on_bytes(self._written)
+        return n if n is not None else 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+
+def write_torch(obj: object, path: str | os.PathLike, *, force: bool = False, on_bytes=None) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (see :func:`write_atomic`)."""
+    with write_atomic(path, force=force) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, _CountingWriter(f, on_bytes) if on_bytes else f)
+
+
+def write_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str], *, force: bool = False
+) -> None:
+    """Write a safetensors file atomically; non-contiguous tensors are made contiguous first."""
+    from safetensors.torch import save_file
+
+    flat = {k: (v if v.is_contiguous() else v.contiguous()) for k, v in tensors.items()}
+    with write_atomic(path, force=force) as tmp:
+        try:
+            save_file(flat, str(tmp), metadata=metadata)
+        except (ValueError, RuntimeError) as error:  # e.g. tensors sharing memory
+            raise CheckpointError(f"cannot write safetensors file {path}: {_first_line(error)}") from None
+
+
+def info_as_metadata(info: dict, metadata: Mapping[str, str]) -> dict[str, str]:
+    """safetensors metadata (str -> str) with the wsconvert record added as JSON."""
+    return {**dict(metadata), INFO_KEY: json.dumps(info, sort_keys=True)}

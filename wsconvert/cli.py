@@ -1,0 +1,169 @@
+"""The ``wsconvert`` command: a thin click layer over ``wsconvert.rewrite.convert_checkpoint``.
+
+Expected failures (a WSConvertError) become one ``Error: ...`` line on stderr and exit code 1; click
+reports usage errors with exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import WSConvertError
+from .rewrite import convert_checkpoint
+
+__all__ = ["main", "library_options"]
+
+EPILOG = """\b
+Examples:
+  wsconvert resnet18.pt --arch torchvision:resnet18 --gn 32
+  wsconvert last.pth.tar --gn 32                 # timm train.py checkpoint, names its arch
+  wsconvert model.safetensors --arch timm:resnet50 --arch-kwargs '{"num_classes": 10}'
+  wsconvert model.pt --arch torchvision:resnet18 --dry-run --json
+  wsconvert whole_model.pt --trust-pickle --gn 32   # torch.save(model) pickle
+
+\b
+Exit codes:
+  0  success
+  1  conversion or load error (one line on stderr, no output file)
+  2  usage error
+"""
+
+# The command-line options that are convert_model / plan_conversion keyword arguments, in one place:
+# a new library option is one more name here plus its click option below.
+LIBRARY_OPTIONS = ("gn", "eps", "style", "include", "exclude", "skip_depthwise")
+
+
+def library_options(params: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments for convert_model / plan_conversion from the command's parameters."""
+    options = {name: params[name] for name in LIBRARY_OPTIONS if name in params}
+    for name in ("include", "exclude"):
+        if name in options:
+            options[name] = list(options[name]) or None
+    return options
+
+
+def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any]:
+    if value is None:
+        return {}
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise click.BadParameter(f"not valid JSON ({error.msg} at column {error.colno}): {value}") from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter(f"must be a JSON object such as '{{\"num_classes\": 10}}', got {value}")
+    return parsed
+
+
+def _positive_eps(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if not math.isfinite(value) or value <= 0:
+        raise click.BadParameter(f"{value} must be a finite number > 0 (default 1e-5)")
+    return value
+
+
+class _Progress:
+    """Phase messages and a byte counter on stderr, only when stderr is a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.start = time.monotonic()
+        self._last = 0.0
+
+    def phase(self, message: str) -> None:
+        if self.enabled:
+            click.echo(f"\r\x1b[K{message} ...", err=True, nl=False)
+
+    def bytes(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if self.enabled and (now - self._last > 0.2 or done >= total):
+            self._last = now
+            percent = f" ({min(100, 100 * done // total)}%)" if total else ""
+            click.echo(f"\r\x1b[Kwriting {done / 2**20:,.0f} MiB{percent}", err=True, nl=False)
+
+    def done(self) -> None:
+        if self.enabled:
+            click.echo(f"\r\x1b[Kdone in {time.monotonic() - self.start:.1f}s", err=True)
+
+
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog=EPILOG,
+)
+@click.argument("input", type=click.Path(path_type=Path, dir_okay=True))
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), help="Output file [default: INPUT's <stem>.ws<suffix>]."
+)
+@click.option(
+    "--gn", type=click.IntRange(min=1), help="Replace BatchNorm with GroupNorm of G groups (largest divisor of C <= G)."
+)
+@click.option(
+    "--arch", metavar="SPEC", help="Model of a state dict: torchvision:NAME, timm:NAME or package.module:callable."
+)
+@click.option(
+    "--arch-kwargs",
+    metavar="JSON",
+    callback=_json_object,
+    help="Keyword arguments for --arch, e.g. '{\"num_classes\": 10}'.",
+)
+@click.option(
+    "--eps", type=float, default=1e-5, show_default=True, callback=_positive_eps, help="Epsilon of the standardization."
+)
+@click.option(
+    "--style",
+    type=click.Choice(["standard", "paper"]),
+    default="standard",
+    show_default=True,
+    help="standard: (W-mean)/sqrt(var+eps); paper: (W-mean)/(std+eps).",
+)
+@click.option(
+    "--include", multiple=True, metavar="GLOB", help="Only convert modules whose dotted path matches (repeatable)."
+)
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave modules whose dotted path matches (repeatable).")
+@click.option("--skip-depthwise", is_flag=True, help="Do not standardize depthwise convs.")
+@click.option("--bake", is_flag=True, help="Store standardized weights as plain conv weights (inference/export).")
+@click.option("--dry-run", is_flag=True, help="Load, plan and report; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print only the report, as JSON, on stdout.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option(
+    "--trust-pickle", is_flag=True, help="Allow a whole pickled model (loading a pickle runs code from the file)."
+)
+@click.version_option(__version__, prog_name="wsconvert")
+def main(**params: Any) -> None:  # noqa: D417 - click renders the options
+    """Convert a saved PyTorch checkpoint to Weight Standardization (optionally BatchNorm -> GroupNorm).
+
+    INPUT is a state dict, a training checkpoint (timm, torchvision references, Lightning), a safetensors
+    file or, with --trust-pickle, a whole pickled model. The output keeps INPUT's layout; optimizer and
+    scheduler state is dropped (it no longer lines up with the converted parameters). The rewritten state
+    dict loads with strict=True into convert_model(arch(), same options). INPUT is never modified.
+    """
+    progress = _Progress(sys.stderr.isatty() and not params["as_json"])
+    try:
+        result = convert_checkpoint(
+            params["input"],
+            params["output"],
+            options=library_options(params),
+            arch=params["arch"],
+            arch_kwargs=params["arch_kwargs"],
+            bake=params["bake"],
+            dry_run=params["dry_run"],
+            force=params["force"],
+            trust_pickle=params["trust_pickle"],
+            progress=progress.phase,
+            on_bytes=progress.bytes if progress.enabled else None,
+        )
+    except WSConvertError as error:
+        if progress.enabled:
+            click.echo("\r\x1b[K", err=True, nl=False)
+        raise click.ClickException(" ".join(str(error).split())) from None
+    progress.done()
+    if params["as_json"]:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(str(result))

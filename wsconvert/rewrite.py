@@ -1,0 +1,477 @@
+"""Rewriting a saved checkpoint so that it belongs to the converted model.
+
+The data flows one way (../shared notes, §5): checkpoint -> state dict -> architecture skeleton -> plan
+-> rewritten state dict -> atomic write. A state dict is rewritten by loading it into the architecture
+built on the meta device with ``load_state_dict(assign=True)`` (the checkpoint's own memory-mapped tensors
+become the parameters, nothing is copied), converting that model in place with ``convert_model`` (conv
+weights keep their identity, GroupNorm reuses the BatchNorm's affine parameters) and taking its
+``state_dict()``. The result therefore has exactly the keys of ``convert_model(arch(), options)`` and the
+tensors of the input.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .arch import Architecture, arch_from_checkpoint, resolve_arch
+from .convert import bake as bake_model
+from .convert import convert_model, plan_conversion
+from .errors import ArchitectureError, CheckpointError
+from .report import ConversionReport
+
+__all__ = ["WHOLE_MODEL_FORMAT", "CheckpointConversion", "EntryResult", "convert_checkpoint", "rewrite_state_dict"]
+
+WHOLE_MODEL_FORMAT = "wsconvert-whole-model"
+_SHOWN = 3
+
+
+@dataclass
+class EntryResult:
+    """One rewritten model state dict: where it was (``key`` None: the file itself), its key prefix."""
+
+    key: str | None
+    prefix: str
+    tensors: int
+    kept_keys: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CheckpointConversion:
+    """What ``convert_checkpoint`` did: the library's ConversionReport plus the checkpoint-level facts."""
+
+    input: Path
+    output: Path | None
+    written: bool
+    layout: str
+    format: str
+    arch: str | None
+    arch_kwargs: dict[str, Any]
+    bake: bool
+    report: ConversionReport
+    entries: list[EntryResult] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """A JSON-serializable dict (what ``wsconvert --json`` prints)."""
+        return {
+            "input": str(self.input),
+            "output": str(self.output) if self.output else None,
+            "written": self.written,
+            "layout": self.layout,
+            "format": self.format,
+            "arch": self.arch,
+            "arch_kwargs": dict(self.arch_kwargs),
+            "bake": self.bake,
+            "entries": [
+                {"key": e.key, "prefix": e.prefix, "tensors": e.tensors, "kept_keys": list(e.kept_keys)}
+                for e in self.entries
+            ],
+            "kept": list(self.kept),
+            "dropped": [{"key": k, "reason": r} for k, r in self.dropped],
+            "notes": list(self.notes),
+            "report": self.report.to_dict(),
+        }
+
+    def __str__(self) -> str:
+        lines = [str(self.report), "", f"Checkpoint: {self.input} ({self.layout}, {self.format})"]
+        if self.arch:
+            lines.append(
+                f"  architecture: {self.arch}" + (f" {json.dumps(self.arch_kwargs)}" if self.arch_kwargs else "")
+            )
+        for entry in self.entries:
+            where = "the whole file" if entry.key is None else repr(entry.key)
+            prefix = f", key prefix {entry.prefix!r}" if entry.prefix else ""
+            lines.append(f"  rewritten: {where} ({entry.tensors} tensors{prefix})")
+            if entry.kept_keys:
+                lines.append(f"    kept as is (outside the model): {', '.join(entry.kept_keys)}")
+        if self.kept:
+            lines.append(f"  kept unchanged: {', '.join(self.kept)}")
+        for key, reason in self.dropped:
+            lines.append(f"  dropped: {key!r} ({reason})")
+        for note in self.notes:
+            lines.append(f"  note: {note}")
+        if self.bake:
+            lines.append("  baked: standardized weights stored as plain conv weights (for inference/export)")
+        if self.written:
+            lines.append(f"Wrote {self.output}")
+        else:
+            lines.append(f"Dry run: nothing written (would write {self.output})")
+        return "\n".join(lines)
+
+
+# --- one state dict ------------------------------------------------------------------------------
+
+
+def _shape(t: torch.Tensor) -> list[int]:
+    return list(t.shape)
+
+
+def _listed(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_SHOWN])
+    return shown + (f" (+{len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else "")
+
+
+def _mismatch_error(
+    where: str,
+    arch: str,
+    matched: int,
+    missing: list[str],
+    unexpected: list[str],
+    sizes: list[tuple[str, list[int], list[int]]],
+    expected_keys: list[str],
+) -> CheckpointError:
+    parts = []
+    if missing:
+        parts.append(f"missing keys {_listed(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys {_listed(unexpected)}")
+    for key, got, want in sizes[:_SHOWN]:
+        parts.append(f"size mismatch for {key}: {got} in the checkpoint, {want} in the architecture")
+    if len(sizes) > _SHOWN:
+        parts.append(f"+{len(sizes) - _SHOWN} more size mismatches")
+    if matched == 0:
+        hint = f"none of its keys belong to {arch}: check --arch"
+    else:
+        tail = set(expected_keys[-2:])
+        classes = {got[0] for key, got, want in sizes if key in tail and got[1:] == want[1:] and got[:1] != want[:1]}
+        if len(classes) == 1 and len(sizes) == len([k for k, _, _ in sizes if k in tail]):
+            hint = f"likely a different number of classes: try --arch-kwargs '{{\"num_classes\": {classes.pop()}}}'"
+        else:
+            hint = "is --arch (with --arch-kwargs) the model this checkpoint was saved from?"
+    return CheckpointError(f"{where} does not match {arch}: {'; '.join(parts)}; {hint}")
+
+
+def _prefixed_metadata(source: Mapping | None, converted: Mapping | None, prefix: str) -> OrderedDict:
+    metadata: OrderedDict = OrderedDict()
+    base = prefix[:-1] if prefix.endswith(".") else prefix
+    for key, value in (source or {}).items():
+        if not prefix or not (key == base or key.startswith(prefix)):
+            metadata[key] = value
+    for key, value in (converted or {}).items():
+        metadata[(prefix + key) if key else base] = value
+    return metadata
+
+
+def rewrite_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    skeleton: nn.Module,
+    options: Mapping[str, Any],
+    *,
+    bake: bool = False,
+    where: str = "the state dict",
+    arch: str = "the architecture",
+) -> tuple[OrderedDict, ConversionReport, EntryResult]:
+    """Rewrite one model state dict for ``convert_model(arch(), **options)`` (baked with ``bake=True``).
+
+    ``skeleton`` is a fresh, unconverted instance of the architecture (meta device preferred); it is
+    consumed. Keys outside the model's prefix (e.g. AveragedModel's ``n_averaged``) are kept as they are.
+    Raises CheckpointError naming the first missing, unexpected and size-mismatched keys.
+    """
+    expected = skeleton.state_dict()
+    keys = list(state_dict)
+    prefix, matched = ckpt.match_prefix(keys, set(expected))
+    own = OrderedDict((k[len(prefix) :], v) for k, v in state_dict.items() if k.startswith(prefix))
+    kept = [k for k in keys if not k.startswith(prefix)]
+    sizes = [
+        (k, _shape(v), _shape(expected[k])) for k, v in own.items() if k in expected and v.shape != expected[k].shape
+    ]
+    if sizes or matched == 0:
+        missing = [k for k in expected if k not in own]
+        unexpected = [k for k in own if k not in expected]
+        raise _mismatch_error(where, arch, matched, missing, unexpected, sizes, list(expected))
+    result = skeleton.load_state_dict(own, strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        raise _mismatch_error(
+            where, arch, matched, list(result.missing_keys), list(result.unexpected_keys), [], list(expected)
+        )
+    report = plan_conversion(skeleton, **options)
+    model = convert_model(skeleton, **options, inplace=True)
+    if bake:
+        model = bake_model(model, inplace=True)
+    converted = model.state_dict()
+    unset = [k for k, v in converted.items() if v.is_meta]
+    if unset:
+        raise CheckpointError(
+            f"{where} lacks values for {_listed(unset)}, which {arch} keeps in its state dict; "
+            "save the checkpoint from the same model version"
+        )
+    out: OrderedDict = OrderedDict((k, state_dict[k]) for k in kept)
+    for key, value in converted.items():
+        out[prefix + key] = value
+    out._metadata = _prefixed_metadata(  # type: ignore[attr-defined]
+        getattr(state_dict, "_metadata", None), getattr(converted, "_metadata", None), prefix
+    )
+    return out, report, EntryResult(None, prefix, len(converted), kept)
+
+
+def _meta_skeleton(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose parameters and buffers are meta tensors (no data is copied)."""
+    memo: dict[int, Any] = {}
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        meta = tensor.detach().to("meta")
+        memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+    try:
+        return copy.deepcopy(module, memo)
+    except Exception as error:  # deepcopy runs the model's own __deepcopy__/__reduce__ code
+        raise CheckpointError(
+            f"cannot copy the pickled {type(module).__name__} to plan its conversion: {error}"
+        ) from None
+
+
+# --- whole files ---------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def _already_converted(loaded: ckpt.Loaded) -> dict | None:
+    if loaded.format == "safetensors":
+        raw = loaded.metadata.get(ckpt.INFO_KEY)
+        return json.loads(raw) if raw else None
+    if loaded.kind == "module":
+        info = getattr(loaded.obj, "_wsconvert_info", None)
+        return info if isinstance(info, dict) else None
+    return ckpt.read_info(loaded.obj)
+
+
+def _resolve(loaded: ckpt.Loaded, arch: str | None, arch_kwargs: Mapping[str, Any] | None, notes: list[str]):
+    if arch:
+        return resolve_arch(arch, dict(arch_kwargs or {}))
+    named = arch_from_checkpoint(loaded.obj) if loaded.kind == "checkpoint" else None
+    if named is None:
+        raise ArchitectureError(
+            f"{loaded.path} does not name its architecture; pass --arch torchvision:NAME, timm:NAME or "
+            "package.module:callable (with --arch-kwargs '{\"num_classes\": N}' when it differs from the default)"
+        )
+    spec, found_kwargs = named
+    kwargs = dict(arch_kwargs) if arch_kwargs else found_kwargs
+    notes.append(f"architecture {spec} taken from the checkpoint" + (f" with {kwargs}" if kwargs else ""))
+    return resolve_arch(spec, kwargs)
+
+
+def _model_entries(
+    obj: Mapping[str, Any], architecture: Architecture
+) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """Split a training checkpoint's entries into (model state dicts, kept, dropped with reasons)."""
+    models, kept, dropped = [], [], []
+    expected: set[str] | None = None
+    for key, value in obj.items():
+        if key == ckpt.INFO_KEY:
+            continue
+        reason = ckpt.drop_reason(key, value)
+        if reason:
+            dropped.append((key, reason))
+        elif ckpt.is_state_dict(value) and key in ckpt.MODEL_KEYS:
+            models.append(key)
+        elif ckpt.is_state_dict(value):
+            if expected is None:
+                expected = set(architecture.build_skeleton().state_dict())
+            _, matched = ckpt.match_prefix(list(value), expected)
+            (models if matched * 2 >= len(expected) else kept).append(key)
+        else:
+            kept.append(key)
+    return models, kept, dropped
+
+
+def convert_checkpoint(
+    input: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    *,
+    options: Mapping[str, Any] | None = None,
+    arch: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    bake: bool = False,
+    dry_run: bool = False,
+    force: bool = False,
+    trust_pickle: bool = False,
+    progress: Callable[[str], None] | None = None,
+    on_bytes: Callable[[int, int], None] | None = None,
+) -> CheckpointConversion:
+    """Convert the checkpoint at ``input`` and write it (same layout) to ``output``.
+
+    ``options`` are ``convert_model``'s keyword arguments. The default output is ``<stem>.ws<suffix>``
+    beside the input; the input is never modified and an existing output is replaced only with
+    ``force``. Returns what was done; raises a WSConvertError subclass for every expected failure,
+    leaving no output file behind.
+    """
+    say = progress or (lambda message: None)
+    options = _jsonable(dict(options or {}))
+    source = Path(input)
+    target = Path(output) if output is not None else ckpt.default_output_path(source)
+    if _same_file(source, target):
+        raise CheckpointError(f"output {target} is the input file; wsconvert never modifies its input, pick another -o")
+    if not dry_run:
+        ckpt.check_output_target(target, force=force)
+
+    say(f"loading {source}")
+    loaded = ckpt.load_checkpoint(source, trust_pickle=trust_pickle)
+    previous = _already_converted(loaded)
+    if previous is not None:
+        raise CheckpointError(
+            f"{source} was already converted by wsconvert {previous.get('version', '?')} with options "
+            f"{json.dumps(previous.get('options', {}), sort_keys=True)}; convert the original checkpoint instead"
+        )
+    notes: list[str] = []
+    info = {"version": _version(), "options": options, "bake": bake, "source": source.name}
+    fmt = "safetensors" if loaded.format == "safetensors" else "torch.save"
+
+    if loaded.kind == "module":
+        return _convert_module(loaded, target, options, info, bake, dry_run, force, say, on_bytes)
+
+    architecture = _resolve(loaded, arch, arch_kwargs, notes)
+    info |= {"arch": architecture.spec, "arch_kwargs": _jsonable(architecture.kwargs)}
+    say(f"planning on {architecture.spec}")
+    if loaded.kind == "state_dict":
+        entries = [None]
+        kept: list[str] = []
+        dropped: list[tuple[str, str]] = []
+    else:
+        entries, kept, dropped = _model_entries(loaded.obj, architecture)
+        if not entries:
+            raise CheckpointError(
+                f"no model state dict found in {source}: its entries are {_listed(list(loaded.obj))}; expected a "
+                f"state dict or a checkpoint holding one under {', '.join(repr(k) for k in ckpt.MODEL_KEYS[:4])}, ..."
+            )
+    info["dropped"] = [k for k, _ in dropped]
+
+    results: list[EntryResult] = []
+    rewritten: dict[str | None, OrderedDict] = {}
+    report: ConversionReport | None = None
+    for key in entries:
+        state_dict = loaded.obj if key is None else loaded.obj[key]
+        where = f"{source}" if key is None else f"{source} entry {key!r}"
+        out, entry_report, result = rewrite_state_dict(
+            state_dict, architecture.build_skeleton(), options, bake=bake, where=where, arch=architecture.describe()
+        )
+        out._metadata[ckpt.METADATA_INFO_KEY] = info  # type: ignore[attr-defined]
+        result.key = key
+        results.append(result)
+        rewritten[key] = out
+        report = report or entry_report
+    notes = architecture.notes + notes
+
+    conversion = CheckpointConversion(
+        source, target, False, _layout_name(loaded), fmt, architecture.spec, architecture.kwargs, bake,
+        report, results, kept, dropped, notes,
+    )  # fmt: skip
+    if dry_run:
+        return conversion
+    say(f"writing {target}")
+    if loaded.format == "safetensors":
+        ckpt.write_safetensors(rewritten[None], target, ckpt.info_as_metadata(info, loaded.metadata), force=force)
+    elif loaded.kind == "state_dict":
+        _write(rewritten[None], target, force, on_bytes)
+    else:
+        result_obj = {key: rewritten.get(key, value) for key, value in loaded.obj.items() if key not in info["dropped"]}
+        result_obj[ckpt.INFO_KEY] = info
+        _write(result_obj, target, force, on_bytes)
+    conversion.written = True
+    return conversion
+
+
+def _layout_name(loaded: ckpt.Loaded) -> str:
+    return {"state_dict": "state dict", "checkpoint": "training checkpoint", "module": "whole pickled model"}[
+        loaded.kind
+    ]
+
+
+def _tensor_bytes(obj: Any) -> int:
+    seen: set[int] = set()
+    total = 0
+
+    def visit(value: Any) -> None:
+        nonlocal total
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(value, Mapping):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+
+    visit(obj)
+    return total
+
+
+def _write(obj: Any, target: Path, force: bool, on_bytes: Callable[[int, int], None] | None) -> None:
+    if on_bytes is None:
+        ckpt.write_torch(obj, target, force=force)
+        return
+    total = _tensor_bytes(obj)
+    ckpt.write_torch(obj, target, force=force, on_bytes=lambda done: on_bytes(done, total))
+
+
+def _convert_module(
+    loaded: ckpt.Loaded,
+    target: Path,
+    options: dict,
+    info: dict,
+    bake: bool,
+    dry_run: bool,
+    force: bool,
+    say: Callable[[str], None],
+    on_bytes: Callable[[int, int], None] | None,
+) -> CheckpointConversion:
+    module: nn.Module = loaded.obj
+    arch = f"{type(module).__module__}.{type(module).__qualname__} (pickled)"
+    info |= {"arch": arch, "format": "baked-module" if bake else WHOLE_MODEL_FORMAT}
+    say("planning on the pickled model")
+    state_dict, report, result = rewrite_state_dict(
+        module.state_dict(), _meta_skeleton(module), options, where=str(loaded.path), arch=arch
+    )
+    notes = [
+        "whole-model output: load it with wsconvert.load(path), which returns the converted model"
+        if not bake
+        else "baked whole model: a plain pickled nn.Module, load it with torch.load(path, weights_only=False)"
+    ]
+    conversion = CheckpointConversion(
+        loaded.path, target, False, _layout_name(loaded), "torch.save", arch, {}, bake, report, [result], [], [], notes
+    )
+    if dry_run:
+        return conversion
+    say(f"writing {target}")
+    if bake:
+        model = bake_model(convert_model(module, **options, inplace=True), inplace=True)
+        model._wsconvert_info = info
+        _write(model, target, force, on_bytes)
+    else:
+        # The original module and the rewritten state dict share their tensors: torch.save stores them once.
+        _write({ckpt.INFO_KEY: info, "module": module, "state_dict": state_dict}, target, force, on_bytes)
+    conversion.written = True
+    return conversion
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
