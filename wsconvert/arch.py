@@ -43,14 +43,14 @@ class Architecture:
         """The model on the meta device (no memory for weights), or on the CPU when that fails."""
         try:
             with torch.device("meta"):
-                return self._call()
-        except ArchitectureError:
-            raise
+                model = self.factory(**self.kwargs)
+            if isinstance(model, nn.Module):
+                return model
         except Exception as error:  # constructors that compute with tensor values cannot run on meta
             note = f"{self.spec} could not be built on the meta device ({type(error).__name__}); built on the CPU"
             if note not in self.notes:
                 self.notes.append(note)
-            return self._call()
+        return self._call()
 
     def _call(self) -> nn.Module:
         try:

@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import secrets
 import struct
 import zipfile
@@ -199,9 +200,10 @@ def _torch_load(path: Path, fmt: str, trust_pickle: bool) -> tuple[Any, bool]:
         with torch.serialization.safe_globals(safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap), mmap
     except pickle.UnpicklingError as error:
-        if "weights_only" in str(error) or "Weights only load failed" in str(error):
+        globals_needed = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        if globals_needed:
             if not trust_pickle:
-                raise _pickle_refusal(path, []) from None
+                raise _pickle_refusal(path, globals_needed) from None
             try:
                 return torch.load(path, map_location="cpu", weights_only=False), False
             except Exception as inner:  # code from a trusted pickle can raise anything
