@@ -1,0 +1,466 @@
+"""Side-by-side cost of weight standardization: plain convs vs wsconvert vs timm vs var_mean vs the paper's Conv2d.
+
+Every variant starts from the same randomly initialised torchvision ResNet (weights=None) and keeps its
+BatchNorm layers (wsconvert runs with gn=None), so the only difference between variants is the conv weight
+path. All variants live in ONE process and are timed in interleaved rounds (A B C D E, A B C D E, ...), so
+slow drifts of the machine (other load, clock changes) hit every variant alike; the per-round ratio to plain
+convs is the number to read.
+
+Variants
+  plain          torchvision's convs, untouched
+  wsconvert      wsconvert.convert_model(model, gn=None): a WeightStandardization parametrization per conv
+  wsconvert-baked  (eval only) wsconvert.bake() of the trained wsconvert model: plain convs again
+  timm           every nn.Conv2d swapped for timm.layers.StdConv2d (the F.batch_norm trick), same eps
+  var_mean       a parametrization computing torch.var_mean per filter, as MosaicML Composer's
+                 apply_weight_standardization does (reimplemented here)
+  paper          a Conv2d subclass following the authors' reference code (Qiao et al., pytorch-classification
+                 models/layers.py): chained means, unbiased std + eps (reimplemented here)
+
+Training step: zero_grad(set_to_none) + forward + cross-entropy + backward + SGD(momentum) step.
+Eval: model.eval() forward under torch.no_grad().
+Peak training memory: bytes in use at the highest point of one training step = persistent state (parameters,
+buffers, optimizer state, inputs) + the highest running total of allocations during the step, read from
+torch.profiler's allocation events on CPU (exact, independent of the allocator's caching) and from
+torch.cuda.max_memory_allocated on CUDA.
+
+Example (the command used for docs/benchmarks.md):
+    python scripts/bench_overhead.py --threads 2 --rounds 15 \
+        --json docs/bench_overhead.json --png docs/img/bench_overhead.png --markdown docs/bench_overhead.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from timm.layers import StdConv2d
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+import wsconvert
+from wsconvert import WeightStandardization, bake, convert_model
+
+EPS = 1e-5
+TRAIN_VARIANTS = ("plain", "wsconvert", "timm", "var_mean", "paper")
+EVAL_VARIANTS = ("plain", "wsconvert", "wsconvert-baked", "timm", "var_mean", "paper")
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    arch: str
+    batch: int
+    size: int
+
+
+CONFIGS = {
+    "r50": Config("resnet50 b8 128x128", "resnet50", 8, 128),
+    "r18": Config("resnet18 b16 64x64", "resnet18", 16, 64),
+}
+
+
+# --------------------------------------------------------------------------------------------- the variants
+class VarMeanStandardization(nn.Module):
+    """Composer-style WS parametrization: biased var_mean over each filter, eps inside the sqrt."""
+
+    def forward(self, weight: Tensor) -> Tensor:
+        dims = tuple(range(1, weight.dim()))
+        var, mean = torch.var_mean(weight, dim=dims, keepdim=True, correction=0)
+        return (weight - mean) / torch.sqrt(var + EPS)
+
+
+class PaperConv2d(nn.Conv2d):
+    """The authors' reference Conv2d: mean by chained means, unbiased std of the centred filter, + eps."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        mean = w.mean(dim=1, keepdim=True).mean(dim=2, keepdim=True).mean(dim=3, keepdim=True)
+        centred = w - mean
+        std = centred.view(centred.size(0), -1).std(dim=1).view(-1, 1, 1, 1) + EPS
+        return F.conv2d(x, centred / std, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _swap_convs(model: nn.Module, make: Callable[[nn.Conv2d], nn.Conv2d]) -> nn.Module:
+    for name, child in list(model.named_children()):
+        if type(child) is nn.Conv2d:
+            new = make(child)
+            with torch.no_grad():
+                new.weight.copy_(child.weight)
+                if child.bias is not None:
+                    new.bias.copy_(child.bias)
+            setattr(model, name, new)
+        else:
+            _swap_convs(child, make)
+    return model
+
+
+def _conv_args(conv: nn.Conv2d) -> dict:
+    return dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+
+
+def _make_timm(conv: nn.Conv2d) -> nn.Conv2d:
+    return StdConv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, bias=conv.bias is not None, eps=EPS, **_conv_args(conv)
+    )
+
+
+def _make_paper(conv: nn.Conv2d) -> nn.Conv2d:
+    return PaperConv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, bias=conv.bias is not None, **_conv_args(conv)
+    )
+
+
+def _var_mean(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if type(module) is nn.Conv2d:
+            parametrize.register_parametrization(module, "weight", VarMeanStandardization())
+    return model
+
+
+def build_variants(config: Config, device: torch.device, channels_last: bool) -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    base = getattr(torchvision.models, config.arch)(weights=None)
+    makers: dict[str, Callable[[nn.Module], nn.Module]] = {
+        "plain": lambda m: m,
+        "wsconvert": lambda m: convert_model(m, gn=None, eps=EPS, inplace=True),
+        "timm": lambda m: _swap_convs(m, _make_timm),
+        "var_mean": _var_mean,
+        "paper": lambda m: _swap_convs(m, _make_paper),
+    }
+    variants = {}
+    for name, make in makers.items():
+        model = make(copy.deepcopy(base)).to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        variants[name] = model
+    return variants
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+@dataclass
+class Runner:
+    model: nn.Module
+    fn: Callable[[Tensor], Tensor]
+    optimizer: torch.optim.Optimizer
+    autocast: Callable[[], contextlib.AbstractContextManager]
+
+    def train_step(self, x: Tensor, y: Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = F.cross_entropy(self.fn(x), y)
+        loss.backward()
+        self.optimizer.step()
+
+    def eval_step(self, x: Tensor) -> Tensor:
+        with torch.no_grad(), self.autocast():
+            return self.fn(x)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _storage_bytes(tensors: list[Tensor]) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t is not None and isinstance(t, Tensor):
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def _persistent_bytes(runner: Runner, x: Tensor, y: Tensor) -> int:
+    tensors = [*runner.model.parameters(), *runner.model.buffers(), x, y]
+    for state in runner.optimizer.state.values():
+        tensors.extend(v for v in state.values() if isinstance(v, Tensor))
+    tensors.extend(p.grad for p in runner.model.parameters() if p.grad is not None)
+    return _storage_bytes(tensors)
+
+
+def peak_train_memory(runner: Runner, x: Tensor, y: Tensor, device: torch.device) -> int:
+    """Highest number of bytes in use during one training step (see the module docstring)."""
+    for module in runner.model.modules():
+        if isinstance(module, WeightStandardization):
+            module.clear_cache()
+    runner.optimizer.zero_grad(set_to_none=True)
+    baseline = _persistent_bytes(runner, x, y)
+    if device.type == "cuda":
+        _sync(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        runner.train_step(x, y)
+        _sync(device)
+        return baseline + torch.cuda.max_memory_allocated(device) - start
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        runner.train_step(x, y)
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            events.append(event)
+    events.sort(key=lambda e: e.start_time_ns)
+    running = peak = 0
+    for event in events:
+        running += event.extra_fields.alloc_size
+        peak = max(peak, running)
+    return baseline + peak
+
+
+@dataclass
+class Series:
+    config: str
+    mode: str
+    variant: str
+    seconds: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)
+    peak_bytes: int | None = None
+
+    def summary(self) -> dict:
+        out = {
+            "config": self.config,
+            "mode": self.mode,
+            "variant": self.variant,
+            "median_ms": 1e3 * statistics.median(self.seconds),
+            "ratio_median": statistics.median(self.ratios),
+            "ratio_min": min(self.ratios),
+            "ratio_max": max(self.ratios),
+            "rounds": len(self.seconds),
+        }
+        if self.peak_bytes is not None:
+            out["peak_mib"] = self.peak_bytes / 2**20
+        return out
+
+
+def _timed(step: Callable[[], object], device: torch.device, steps: int) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def run_config(config: Config, args: argparse.Namespace, log: Callable[[str], None]) -> list[Series]:
+    device = torch.device(args.device)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    x = torch.randn(config.batch, 3, config.size, config.size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 1000, (config.batch,), device=device)
+    amp_dtype = torch.bfloat16 if args.amp else None
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=amp_dtype)
+
+    def runner(model: nn.Module) -> Runner:
+        fn = torch.compile(model) if args.compile else model
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        return Runner(model, fn, optimizer, autocast)
+
+    runners = {name: runner(model) for name, model in build_variants(config, device, args.channels_last).items()}
+    results: list[Series] = []
+
+    # Training: warm-up, peak memory, then interleaved timed rounds.
+    for r in runners.values():
+        r.model.train()
+        for _ in range(args.warmup):
+            r.train_step(x, y)
+    train = {name: Series(config.name, "train", name) for name in TRAIN_VARIANTS}
+    if not args.no_memory:
+        for name in TRAIN_VARIANTS:
+            train[name].peak_bytes = peak_train_memory(runners[name], x, y, device)
+    for round_index in range(args.rounds):
+        times = {
+            name: _timed(lambda r=runners[name]: r.train_step(x, y), device, args.steps) for name in TRAIN_VARIANTS
+        }
+        for name in TRAIN_VARIANTS:
+            train[name].seconds.append(times[name])
+            train[name].ratios.append(times[name] / times["plain"])
+        log(f"  {config.name} train round {round_index + 1}: " + _round_line(times))
+    results.extend(train.values())
+
+    # Eval: the trained wsconvert model, and its baked copy (checked bitwise against it).
+    for r in runners.values():
+        r.model.eval()
+    baked = bake(runners["wsconvert"].model)
+    runners["wsconvert-baked"] = runner(baked)
+    for name in EVAL_VARIANTS:
+        for _ in range(args.warmup):
+            runners[name].eval_step(x)
+    bitwise = torch.equal(runners["wsconvert"].eval_step(x), runners["wsconvert-baked"].eval_step(x))
+    log(f"  {config.name}: baked outputs bitwise equal to the parametrized model in eval: {bitwise}")
+    evals = {name: Series(config.name, "eval", name) for name in EVAL_VARIANTS}
+    for round_index in range(args.rounds):
+        times = {name: _timed(lambda r=runners[name]: r.eval_step(x), device, args.steps) for name in EVAL_VARIANTS}
+        for name in EVAL_VARIANTS:
+            evals[name].seconds.append(times[name])
+            evals[name].ratios.append(times[name] / times["plain"])
+        log(f"  {config.name} eval round {round_index + 1}: " + _round_line(times))
+    results.extend(evals.values())
+    for series in results:
+        series.bitwise_baked = bitwise  # type: ignore[attr-defined]
+    return results
+
+
+def _round_line(times: dict[str, float]) -> str:
+    return " ".join(f"{name}={1e3 * t:.1f}ms" for name, t in times.items())
+
+
+# ------------------------------------------------------------------------------------------------ output
+def machine_info(args: argparse.Namespace, load_before: tuple[float, ...]) -> dict:
+    device = torch.device(args.device)
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": __import__("timm").__version__,
+        "wsconvert": wsconvert.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "compile": args.compile,
+        "channels_last": args.channels_last,
+        "amp": "bf16 autocast" if args.amp else "off (fp32)",
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        "loadavg_1min_before": load_before[0],
+        "loadavg_1min_after": os.getloadavg()[0],
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+    }
+    return info
+
+
+def markdown(summaries: list[dict], info: dict) -> str:
+    lines = [
+        f"Command: `{info['command']}`  ",
+        f"Machine: {info['device_name']}, {info['cpu_count']} CPUs, {info['threads']} torch threads, "
+        f"device `{info['device']}`; torch {info['torch']}, torchvision {info['torchvision']}, timm {info['timm']}; "
+        f"compile={info['compile']}, channels_last={info['channels_last']}, amp={info['amp']}; "
+        f"{info['rounds']} interleaved rounds x {info['steps_per_round']} step(s); "
+        f"1-min load average {info['loadavg_1min_before']:.2f} before, {info['loadavg_1min_after']:.2f} after.",
+        "",
+        "| config | mode | variant | median ms | ratio to plain: median (min - max) | peak train MiB | memory ratio |",
+        "|---|---|---|---:|---|---:|---:|",
+    ]
+    plain_peak = {(s["config"], s["mode"]): s.get("peak_mib") for s in summaries if s["variant"] == "plain"}
+    for s in summaries:
+        peak = s.get("peak_mib")
+        base = plain_peak.get((s["config"], s["mode"]))
+        mem = f"{peak:.0f}" if peak is not None else ""
+        mem_ratio = f"{peak / base:.3f}" if peak is not None and base else ""
+        lines.append(
+            f"| {s['config']} | {s['mode']} | {s['variant']} | {s['median_ms']:.1f} | "
+            f"{s['ratio_median']:.3f} ({s['ratio_min']:.3f} - {s['ratio_max']:.3f}) | {mem} | {mem_ratio} |"
+        )
+    bitwise = {s["config"]: s["bitwise_baked"] for s in summaries}
+    lines.append("")
+    for config, ok in bitwise.items():
+        lines.append(f"- {config}: baked model outputs bitwise equal to the parametrized model in eval: **{ok}**")
+    return "\n".join(lines) + "\n"
+
+
+def chart(summaries: list[dict], info: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys((s["config"], s["mode"]) for s in summaries))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
+    for ax, (config, mode) in zip(axes[0], panels, strict=True):
+        rows = [s for s in summaries if s["config"] == config and s["mode"] == mode]
+        names = [s["variant"] for s in rows]
+        med = [s["ratio_median"] for s in rows]
+        low = [s["ratio_median"] - s["ratio_min"] for s in rows]
+        high = [s["ratio_max"] - s["ratio_median"] for s in rows]
+        colours = ["#888888" if n == "plain" else "#1f77b4" if n.startswith("wsconvert") else "#ff7f0e" for n in names]
+        ax.bar(range(len(rows)), med, yerr=[low, high], color=colours, capsize=3)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(rows)), names, rotation=35, ha="right", fontsize=8)
+        ax.set_title(f"{config}\n{mode}", fontsize=9)
+        ax.set_ylabel("time / plain (median, min-max)")
+        ax.set_ylim(0.8, max(1.1, max(s["ratio_max"] for s in rows) * 1.05))
+        for i, value in enumerate(med):
+            ax.text(i, value + 0.01, f"{value:.2f}", ha="center", va="bottom", fontsize=7)
+    fig.suptitle(
+        f"Weight standardization overhead - {info['device_name']}, {info['threads']} threads, torch {info['torch']}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every variant")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last model and input")
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
+    parser.add_argument("--steps", type=int, default=1, help="steps per variant per round (default 1)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (default 2)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--configs", default="r50,r18", help=f"comma-separated, from {sorted(CONFIGS)}")
+    parser.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up step: to check the script")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak training memory measurement")
+    parser.add_argument("--json", help="write the results as JSON here")
+    parser.add_argument("--png", help="write the bar chart here (needs matplotlib)")
+    parser.add_argument("--markdown", help="write the docs-ready markdown table here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.warmup = 3, 1
+    unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
+    if unknown or args.rounds < 1 or args.steps < 1:
+        parser.error(f"bad --configs {unknown} (choose from {sorted(CONFIGS)}) or --rounds/--steps < 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    summaries: list[dict] = []
+    for key in args.configs.split(","):
+        config = CONFIGS[key]
+        print(f"{config.name}: building variants", file=sys.stderr, flush=True)
+        for series in run_config(config, args, lambda line: print(line, file=sys.stderr, flush=True)):
+            summary = series.summary()
+            summary["bitwise_baked"] = series.bitwise_baked  # type: ignore[attr-defined]
+            summaries.append(summary)
+    info = machine_info(args, load_before)
+    table = markdown(summaries, info)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as handle:
+            handle.write(table)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"machine": info, "results": summaries}, handle, indent=2)
+    if args.png:
+        chart(summaries, info, args.png)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
