@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 from . import compat
 from .errors import InvalidOptionError, WSConvertError
 from .options import ConversionOptions
+from .probe import add_probe_to_report, probe_unnormalized, skip_unnormalized_steps
 from .report import ConversionReport
 from .standardize import WeightStandardization
 from .walk import apply, build_report, plan
@@ -45,15 +46,30 @@ def plan_conversion(
     exclude: Sequence[str] | None = None,
     skip_depthwise: bool = False,
     inplace: bool = False,
+    skip_unnormalized: bool = False,
+    example_inputs: object = None,
 ) -> ConversionReport:
     """What ``convert_model`` with these options would do, without touching ``model``.
 
-    ``inplace`` is accepted so the same keyword arguments can be passed to both functions.
+    ``inplace`` is accepted so the same keyword arguments can be passed to both functions. The report
+    also lists the convs whose output feeds no normalization layer (``report.unnormalized``, found by
+    ``wsconvert.probe``): by torch.fx tracing, or, when the model cannot be traced, by one forward pass
+    on ``example_inputs`` (a tuple of positional arguments, or one argument such as a Tensor), run in
+    eval mode without gradients.
     """
     options = ConversionOptions.build(
-        gn=gn, eps=eps, style=style, include=include, exclude=exclude, skip_depthwise=skip_depthwise
+        gn=gn,
+        eps=eps,
+        style=style,
+        include=include,
+        exclude=exclude,
+        skip_depthwise=skip_depthwise,
+        skip_unnormalized=skip_unnormalized,
     )
-    return build_report(plan(_check_model(model), options), options)
+    model = _check_model(model)
+    probe = probe_unnormalized(model, example_inputs)
+    steps = skip_unnormalized_steps(plan(model, options), probe, options)
+    return add_probe_to_report(build_report(steps, options), steps, probe, options)
 
 
 def convert_model(
@@ -66,6 +82,8 @@ def convert_model(
     exclude: Sequence[str] | None = None,
     skip_depthwise: bool = False,
     inplace: bool = False,
+    skip_unnormalized: bool = False,
+    example_inputs: object = None,
 ) -> nn.Module:
     """Put Weight Standardization on every conv weight and, with ``gn=G``, swap BatchNorm for GroupNorm.
 
@@ -73,12 +91,25 @@ def convert_model(
     see ``plan_conversion`` for what is converted and skipped. With ``inplace=False`` the model is
     deep-copied first and left untouched. Returns the converted model (a new module only when the
     model itself is a BatchNorm layer).
+
+    With ``skip_unnormalized=True``, convs whose output feeds no normalization layer keep a plain weight
+    (see ``plan_conversion`` for how they are found and for ``example_inputs``).
     """
     options = ConversionOptions.build(
-        gn=gn, eps=eps, style=style, include=include, exclude=exclude, skip_depthwise=skip_depthwise
+        gn=gn,
+        eps=eps,
+        style=style,
+        include=include,
+        exclude=exclude,
+        skip_depthwise=skip_depthwise,
+        skip_unnormalized=skip_unnormalized,
     )
-    target = _check_model(model) if inplace else _copy(_check_model(model))
-    return apply(target, plan(target, options), options)
+    steps = plan(_check_model(model), options)  # raises on unconvertible modules before anything is copied
+    probe = probe_unnormalized(model, example_inputs) if skip_unnormalized else None
+    if inplace:
+        return apply(model, skip_unnormalized_steps(steps, probe, options), options)
+    target = _copy(model)
+    return apply(target, skip_unnormalized_steps(plan(target, options), probe, options), options)
 
 
 def _only_standardization(module: nn.Module) -> bool:

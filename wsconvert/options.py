@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 from .errors import InvalidOptionError
 from .standardize import validate_eps, validate_style
@@ -41,6 +41,7 @@ class ConversionOptions:
     include: tuple[str, ...] = field(default=())
     exclude: tuple[str, ...] = field(default=())
     skip_depthwise: bool = False
+    skip_unnormalized: bool = False
 
     @classmethod
     def build(
@@ -52,6 +53,7 @@ class ConversionOptions:
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         skip_depthwise: bool = False,
+        skip_unnormalized: bool = False,
     ) -> ConversionOptions:
         if gn is not None and (isinstance(gn, bool) or not isinstance(gn, int) or gn < 1):
             raise InvalidOptionError(
@@ -60,6 +62,8 @@ class ConversionOptions:
             )
         if not isinstance(skip_depthwise, bool):
             raise InvalidOptionError(f"skip_depthwise={skip_depthwise!r} must be True or False")
+        if not isinstance(skip_unnormalized, bool):
+            raise InvalidOptionError(f"skip_unnormalized={skip_unnormalized!r} must be True or False")
         return cls(
             gn=gn,
             eps=validate_eps(eps),
@@ -67,6 +71,7 @@ class ConversionOptions:
             include=_patterns("include", include),
             exclude=_patterns("exclude", exclude),
             skip_depthwise=skip_depthwise,
+            skip_unnormalized=skip_unnormalized,
         )
 
     def deselected_reason(self, paths: Sequence[str]) -> str | None:
@@ -91,4 +96,5 @@ class ConversionOptions:
             "include": list(self.include),
             "exclude": list(self.exclude),
             "skip_depthwise": self.skip_depthwise,
+            "skip_unnormalized": self.skip_unnormalized,
         }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["ConvertedModule", "SkippedModule", "GroupFallback", "ConversionReport"]
+__all__ = ["ConvertedModule", "SkippedModule", "GroupFallback", "UnnormalizedConv", "ConversionReport"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,16 @@ class GroupFallback:
     groups: int
 
 
+@dataclass(frozen=True)
+class UnnormalizedConv:
+    """A conv whose output feeds something other than a normalization layer (see wsconvert.probe)."""
+
+    path: str
+    type: str
+    feeds: str  # what consumes the output instead, e.g. "sigmoid", "Conv2d", "add", "model output"
+    also_at: tuple[str, ...] = ()
+
+
 @dataclass
 class ConversionReport:
     """Every converted module, every skipped candidate with its reason, GroupNorm fallbacks and notes.
@@ -45,6 +55,10 @@ class ConversionReport:
     skipped: list[SkippedModule] = field(default_factory=list)
     group_fallbacks: list[GroupFallback] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Convs whose output feeds no normalization layer, and how that was found (wsconvert.probe):
+    # "" when not probed, else the method, or "unavailable: <why>".
+    unnormalized: list[UnnormalizedConv] = field(default_factory=list)
+    unnormalized_detection: str = ""
 
     def to_dict(self) -> dict:
         """A JSON-serializable dict."""
@@ -55,6 +69,8 @@ class ConversionReport:
             "skipped": [asdict(s) | {"also_at": list(s.also_at)} for s in self.skipped],
             "group_fallbacks": [asdict(g) for g in self.group_fallbacks],
             "notes": list(self.notes),
+            "unnormalized": [asdict(u) | {"also_at": list(u.also_at)} for u in self.unnormalized],
+            "unnormalized_detection": self.unnormalized_detection,
         }
 
     def summary(self) -> dict[str, int]:
@@ -89,6 +105,13 @@ class ConversionReport:
                 ("path", "channels", "requested", "used"),
                 [(g.path or "<model>", str(g.channels), str(g.requested), str(g.groups)) for g in self.group_fallbacks],
             )
+        if self.unnormalized:
+            lines += ["", f"Output feeds no normalization layer (found by {self.unnormalized_detection}):"]
+            lines += _table(
+                ("path", "type", "feeds"), [(_where(u.path, u.also_at), u.type, u.feeds) for u in self.unnormalized]
+            )
+        elif self.unnormalized_detection.startswith("unavailable"):
+            lines += ["", f"Unnormalized-conv detection {self.unnormalized_detection}"]
         if self.notes:
             lines += ["", "Notes:"] + [f"- {note}" for note in self.notes]
         return "\n".join(lines)
@@ -100,7 +123,7 @@ def _where(path: str, also_at: tuple[str, ...]) -> str:
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    out = ["  " + "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
-    out += ["  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=False)]
+    out = ["  " + "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=False)).rstrip()]
+    out += ["  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip() for row in rows]
     return out

@@ -1,0 +1,379 @@
+"""The unnormalized-conv probe (wsconvert.probe) and its use by plan_conversion / convert_model."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+from torchvision import models
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from wsconvert import InvalidOptionError, convert_model, plan_conversion
+from wsconvert.probe import ProbeResult, is_norm_layer, probe_unnormalized
+
+X = torch.randn(2, 4, 8, 8)
+
+
+class SEBlock(nn.Module):
+    """conv -> BN -> ReLU, then a squeeze-excitation gate: avgpool -> conv -> ReLU -> conv -> sigmoid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU(inplace=True)
+        self.reduce = nn.Conv2d(8, 2, 1)
+        self.expand = nn.Conv2d(2, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn(self.conv(x)))
+        gate = torch.sigmoid(self.expand(F.relu(self.reduce(F.adaptive_avg_pool2d(x, 1)))))
+        return x * gate
+
+
+class Chain(nn.Module):
+    """conv -> (a chain of functions) -> optional norm; the output goes to a final linear map."""
+
+    def __init__(self, between: object, norm: nn.Module | None) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.between = between
+        self.norm = norm if norm is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.between(self.conv(x))).mean()
+
+
+class ConvThenFunctionalNorm(nn.Module):
+    def __init__(self, norm: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.norm == "group_norm":
+            return F.group_norm(y, 4)
+        if self.norm == "layer_norm":
+            return F.layer_norm(y.permute(0, 2, 3, 1), (8,))
+        return F.instance_norm(y)
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it; an SE-like gate conv and a head conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        if y.sum() > 0:
+            y = y.relu()
+        return self.head(y)
+
+
+class SharedConv(nn.Module):
+    """One conv called twice: once before a BatchNorm, once as the model output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.bn(self.conv(x)))
+
+
+class WithUnusedConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.unused = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+class StoresInForward(nn.Module):
+    """Assigns an attribute in forward: tracing must not leave an fx Proxy behind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.last = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.last = self.conv(x)
+        return self.bn(self.last)
+
+
+def _probe(model: nn.Module, method: str) -> ProbeResult:
+    result = probe_unnormalized(model, X if method == "hooks" else None, method=method)
+    assert result.method == method, result.detail
+    return result
+
+
+METHODS = ["fx", "hooks"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_se_block_gate_convs_are_unnormalized(method: str) -> None:
+    result = _probe(SEBlock(), method)
+    assert result.normalized == ("conv",)
+    assert set(result.unnormalized) == {"reduce", "expand"}
+    assert "sigmoid" in result.unnormalized["expand"]
+    # reduce -> ReLU is scale-preserving; what follows is the expand conv
+    assert result.unnormalized["reduce"] == "Conv2d"
+
+
+def _relu(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x)
+
+
+CHAINS = [
+    # (id, between, norm, normalized?, consumer when not)
+    ("conv-bn", nn.Identity(), nn.BatchNorm2d(8), True, None),
+    ("conv-relu-bn", nn.ReLU(), nn.BatchNorm2d(8), True, None),
+    ("conv-inplace-relu-bn", nn.ReLU(inplace=True), nn.BatchNorm2d(8), True, None),
+    ("conv-maxpool-dropout-gn", nn.Sequential(nn.MaxPool2d(2), nn.Dropout(0.1)), nn.GroupNorm(2, 8), True, None),
+    ("conv-frozenbn", nn.Identity(), FrozenBatchNorm2d(8), True, None),
+    ("conv-instancenorm", nn.Identity(), nn.InstanceNorm2d(8), True, None),
+    ("conv-sigmoid-bn", nn.Sigmoid(), nn.BatchNorm2d(8), False, "igmoid"),
+    ("conv-silu-bn", nn.SiLU(), nn.BatchNorm2d(8), False, "silu"),
+    ("conv-hardtanh-bn", nn.Hardtanh(), nn.BatchNorm2d(8), False, "ardtanh"),
+    ("conv-mean-output", nn.Identity(), None, False, "model output"),  # mean is scale-preserving
+]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    ("between", "norm", "normalized", "consumer"), [c[1:] for c in CHAINS], ids=[c[0] for c in CHAINS]
+)
+def test_chains(method: str, between: nn.Module, norm: nn.Module | None, normalized: bool, consumer: str) -> None:
+    result = _probe(Chain(between, norm), method)
+    if normalized:
+        assert result.normalized == ("conv",) and result.unnormalized == {}
+    else:
+        assert list(result.unnormalized) == ["conv"]
+        assert consumer in result.unnormalized["conv"].lower() or consumer in result.unnormalized["conv"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("norm", ["group_norm", "layer_norm", "instance_norm"])
+def test_functional_norms_count(method: str, norm: str) -> None:
+    result = _probe(ConvThenFunctionalNorm(norm), method)
+    assert result.normalized == ("conv",)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_output_head_and_shared_conv(method: str) -> None:
+    head = nn.Sequential(nn.Conv2d(4, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 5, 1))
+    result = _probe(head, method)
+    assert result.normalized == ("0",)
+    assert result.unnormalized == {"3": "model output"}
+    # a conv used twice is normalized only if every call is
+    assert _probe(SharedConv(), method).unnormalized == {"conv": "model output"}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_residual_add_and_concat(method: str) -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(4, 4, 3, padding=1)
+            self.b = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+            self.bn2 = nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.bn(torch.cat([self.a(x), x], dim=1))  # concat keeps each channel's scale: normalized
+            return self.bn2(self.b(x) + x) + y.mean()  # a sum with another tensor is not scale-preserving
+
+    result = _probe(Block(), method)
+    assert result.normalized == ("a",)
+    assert result.unnormalized == {"b": "add"}
+
+
+def test_untraceable_model_falls_back_to_hooks() -> None:
+    result = probe_unnormalized(Untraceable(), X)
+    assert result.method == "hooks"
+    assert "torch.fx cannot trace" in result.detail
+    assert result.normalized == ("conv",)
+    assert result.unnormalized == {"head": "model output"}
+    # fx alone cannot do it
+    assert probe_unnormalized(Untraceable(), method="fx").method == "unavailable"
+
+
+def test_neither_method_works_is_reported_not_raised() -> None:
+    model = Untraceable()
+    no_input = probe_unnormalized(model)
+    assert no_input.method == "unavailable" and not no_input.available
+    assert "torch.fx cannot trace" in no_input.detail and "example_inputs" in no_input.detail
+
+    wrong_input = probe_unnormalized(model, torch.randn(1, 3, 8, 8))  # 3 channels for a 4-channel conv
+    assert wrong_input.method == "unavailable"
+    assert "forward pass on example_inputs failed (RuntimeError" in wrong_input.detail
+    assert model.training  # flags restored after the failed forward
+
+    with pytest.warns(UserWarning, match="skip_unnormalized=True skipped nothing"):
+        report = plan_conversion(model, gn=4, skip_unnormalized=True)
+    assert report.unnormalized == [] and report.unnormalized_detection.startswith("unavailable: ")
+    assert "detection unavailable" in str(report)
+    assert any("skip_unnormalized=True skipped nothing" in note for note in report.notes)
+    with pytest.warns(UserWarning, match="skip_unnormalized=True skipped nothing"):
+        converted = convert_model(model, gn=4, skip_unnormalized=True)
+    assert parametrize.is_parametrized(converted.head)
+
+
+def test_hook_probe_restores_mode_and_changes_nothing() -> None:
+    model = SEBlock().train()
+    model.bn.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    probe_unnormalized(model, X, method="hooks")
+    assert model.training and not model.bn.training
+    after = model.state_dict()
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_fx_trace_leaves_no_proxy_on_the_model() -> None:
+    model = StoresInForward()
+    assert probe_unnormalized(model).normalized == ("conv",)
+    assert model.last is None
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unreached_conv_is_listed_and_noted(method: str) -> None:
+    result = _probe(WithUnusedConv(), method)
+    assert result.unreached == ("unused",) and result.unnormalized == {}
+    report = plan_conversion(WithUnusedConv())
+    assert any("did not run during the unnormalized-conv probe (unused)" in n for n in report.notes)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(InvalidOptionError, match="skip_unnormalized='yes'"):
+        plan_conversion(SEBlock(), skip_unnormalized="yes")
+    with pytest.raises(InvalidOptionError, match="method='trace'"):
+        probe_unnormalized(SEBlock(), method="trace")
+    with pytest.raises(InvalidOptionError, match="pass example_inputs"):
+        probe_unnormalized(SEBlock(), method="hooks")
+
+
+def test_model_without_convs() -> None:
+    result = probe_unnormalized(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)))
+    assert result.available and result.unnormalized == {} and result.normalized == ()
+
+
+def test_report_lists_and_skip_unnormalized_skips() -> None:
+    report = plan_conversion(SEBlock(), gn=4)
+    assert [(u.path, u.type) for u in report.unnormalized] == [("reduce", "Conv2d"), ("expand", "Conv2d")]
+    assert report.unnormalized_detection == "torch.fx trace"
+    assert {c.path for c in report.converted} >= {"conv", "reduce", "expand", "bn"}
+    text = str(report)
+    assert "Output feeds no normalization layer (found by torch.fx trace):" in text and "sigmoid" in text
+    data = json.loads(json.dumps(report.to_dict()))
+    assert [u["path"] for u in data["unnormalized"]] == ["reduce", "expand"]
+    assert data["options"]["skip_unnormalized"] is False
+
+    skipping = plan_conversion(SEBlock(), gn=4, skip_unnormalized=True)
+    reasons = {s.path: s.reason for s in skipping.skipped}
+    assert set(reasons) == {"reduce", "expand"}
+    assert reasons["expand"].startswith("output feeds no normalization layer (sigmoid")
+
+    model = convert_model(SEBlock(), gn=4, skip_unnormalized=True)
+    assert parametrize.is_parametrized(model.conv)
+    assert not parametrize.is_parametrized(model.reduce) and not parametrize.is_parametrized(model.expand)
+    assert isinstance(model.bn, nn.GroupNorm)
+
+
+def test_skip_unnormalized_with_example_inputs_on_untraceable_model() -> None:
+    model = convert_model(Untraceable(), skip_unnormalized=True, example_inputs=(X,))
+    assert parametrize.is_parametrized(model.conv) and not parametrize.is_parametrized(model.head)
+    report = plan_conversion(Untraceable(), example_inputs=X)
+    assert report.unnormalized_detection.startswith("forward hooks on the example input")
+
+
+def test_converted_model_probes_the_same() -> None:
+    """The GroupNorm produced by conversion counts as a norm; WS-parametrized convs are still convs."""
+    model = SEBlock()
+    converted = convert_model(model, gn=4)
+    for method in METHODS:
+        assert _probe(converted, method).unnormalized == _probe(model, method).unnormalized
+        assert _probe(converted, method).normalized == ("conv",)
+
+
+def test_efficientnet_b0_squeeze_excitation_convs() -> None:
+    model = models.efficientnet_b0(weights=None)
+    se = {p for p, m in model.named_modules() if isinstance(m, nn.Conv2d) and p.rsplit(".", 1)[-1] in ("fc1", "fc2")}
+    assert len(se) == 32
+    by_fx = probe_unnormalized(model)
+    by_hooks = probe_unnormalized(model, torch.randn(1, 3, 32, 32), method="hooks")
+    for result in (by_fx, by_hooks):
+        assert set(result.unnormalized) == se
+        assert all("sigmoid" in result.unnormalized[p].lower() for p in se if p.endswith("fc2"))
+    assert by_fx.normalized == by_hooks.normalized
+
+
+def test_deeplabv3_head_convs() -> None:
+    model = models.segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None, aux_loss=True)
+    by_fx = probe_unnormalized(model)
+    assert by_fx.method == "fx"
+    assert by_fx.unnormalized == {"classifier.4": "model output", "aux_classifier.4": "model output"}
+    # the heads are upsampled (interpolate is scale-preserving) and returned
+    by_hooks = probe_unnormalized(model, torch.randn(1, 3, 32, 32), method="hooks")
+    assert by_hooks.unnormalized == by_fx.unnormalized
+    assert (
+        len(by_fx.normalized) == len(by_hooks.normalized) == sum(isinstance(m, nn.Conv2d) for m in model.modules()) - 2
+    )
+
+
+def test_detection_model_needs_hooks_and_finds_heads() -> None:
+    model = models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None)
+    report = plan_conversion(model, gn=32, example_inputs=([torch.rand(3, 64, 64)],))
+    assert report.unnormalized_detection.startswith("forward hooks on the example input")
+    flagged = {u.path for u in report.unnormalized}
+    assert {"rpn.head.cls_logits", "rpn.head.bbox_pred"} <= flagged
+    assert "backbone.body.0.0" not in flagged  # stem conv -> FrozenBatchNorm2d
+
+
+def test_timm_norm_act_and_se() -> None:
+    timm = pytest.importorskip("timm", reason="timm is a core dependency; only missing in a broken install")
+    model = timm.create_model("mobilenetv3_small_050", pretrained=False)
+    result = probe_unnormalized(model, torch.randn(1, 3, 32, 32))
+    se = {p for p, m in model.named_modules() if p.endswith(("se.conv_reduce", "se.conv_expand"))}
+    assert se and se <= set(result.unnormalized)
+    assert "conv_stem" in result.normalized  # conv_stem -> BatchNormAct2d
+    assert is_norm_layer(model.bn1)
+
+
+def test_conv_feeding_two_branches_norm_and_not() -> None:
+    class Fork(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 1)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            y = self.conv(x)
+            return self.bn(y), torch.tanh(y)
+
+    for method in METHODS:
+        assert _probe(Fork(), method).unnormalized == {"conv": "tanh"}
+
+
+def test_no_warning_without_skip() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan_conversion(Untraceable())
+        convert_model(Untraceable())
