@@ -68,6 +68,10 @@ def _positive_eps(ctx: click.Context, param: click.Parameter, value: float) -> f
     return value
 
 
+def _stderr_is_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
 class _Progress:
     """Phase messages and a byte counter on stderr, only when stderr is a terminal."""
 
@@ -143,7 +147,7 @@ def main(**params: Any) -> None:  # noqa: D417 - click renders the options
     scheduler state is dropped (it no longer lines up with the converted parameters). The rewritten state
     dict loads with strict=True into convert_model(arch(), same options). INPUT is never modified.
     """
-    progress = _Progress(sys.stderr.isatty() and not params["as_json"])
+    progress = _Progress(_stderr_is_terminal() and not params["as_json"])
     try:
         result = convert_checkpoint(
             params["input"],
