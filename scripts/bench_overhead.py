@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 import wsconvert
-from wsconvert import WeightStandardization, bake, convert_model
+from wsconvert import WeightStandardization, bake, convert_model, standardize_weight
 
 EPS = 1e-5
 TRAIN_VARIANTS = ("plain", "wsconvert", "timm", "var_mean", "paper")
@@ -81,15 +81,84 @@ class VarMeanStandardization(nn.Module):
         return (weight - mean) / torch.sqrt(var + EPS)
 
 
+def paper_standardize(w: Tensor) -> Tensor:
+    """The authors' reference formula: mean by chained means, unbiased std of the centred filter, + eps."""
+    mean = w.mean(dim=1, keepdim=True).mean(dim=2, keepdim=True).mean(dim=3, keepdim=True)
+    centred = w - mean
+    std = centred.view(centred.size(0), -1).std(dim=1).view(-1, 1, 1, 1) + EPS
+    return centred / std
+
+
 class PaperConv2d(nn.Conv2d):
-    """The authors' reference Conv2d: mean by chained means, unbiased std of the centred filter, + eps."""
+    """The authors' reference Conv2d (pytorch-classification models/layers.py), reimplemented."""
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight
-        mean = w.mean(dim=1, keepdim=True).mean(dim=2, keepdim=True).mean(dim=3, keepdim=True)
-        centred = w - mean
-        std = centred.view(centred.size(0), -1).std(dim=1).view(-1, 1, 1, 1) + EPS
-        return F.conv2d(x, centred / std, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        w = paper_standardize(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class AnalyticStandardize(torch.autograd.Function):
+    """(W - mean) * rstd per row, with a hand-written backward (the candidate custom autograd Function).
+
+    For y = (x - mean) * rstd over a row of n elements: dx = rstd * (g - mean(g) - y * mean(g * y)).
+    """
+
+    @staticmethod
+    def forward(ctx, rows: Tensor) -> Tensor:  # noqa: ANN001
+        var, mean = torch.var_mean(rows, 1, correction=0, keepdim=True)
+        rstd = (var + EPS).rsqrt_()
+        out = (rows - mean).mul_(rstd)
+        ctx.save_for_backward(out, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: ANN001
+        out, rstd = ctx.saved_tensors
+        g_mean = grad.mean(1, keepdim=True)
+        gy_mean = (grad * out).mean(1, keepdim=True)
+        return (grad - g_mean - out * gy_mean).mul_(rstd)
+
+
+KERNELS: dict[str, Callable[[Tensor], Tensor]] = {
+    "wsconvert: F.layer_norm": lambda w: standardize_weight(w, EPS),
+    "timm: F.batch_norm trick": lambda w: F.batch_norm(
+        w.reshape(1, w.shape[0], -1), None, None, training=True, momentum=0.0, eps=EPS
+    ).reshape_as(w),
+    "Composer style: var_mean": lambda w: VarMeanStandardization()(w),
+    "paper: chained means, std + eps": paper_standardize,
+    "custom autograd.Function": lambda w: AnalyticStandardize.apply(w.reshape(w.shape[0], -1)).view_as(w),
+}
+
+
+def kernel_benchmark(config: Config, rounds: int) -> str:
+    """WS alone over every conv weight of the model: forward + backward, and no-grad forward."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, config.arch)(weights=None)
+    weights = [m.weight.detach().clone().requires_grad_(True) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    grads = [torch.randn_like(w) for w in weights]
+    times: dict[tuple[str, str], list[float]] = {}
+    for _ in range(rounds):
+        for name, fn in KERNELS.items():
+            start = time.perf_counter()
+            torch.autograd.backward([fn(w) for w in weights], grads)
+            times.setdefault((name, "forward + backward"), []).append(time.perf_counter() - start)
+            with torch.no_grad():
+                start = time.perf_counter()
+                [fn(w) for w in weights]
+                times.setdefault((name, "forward, no grad"), []).append(time.perf_counter() - start)
+    count = sum(w.numel() for w in weights)
+    lines = [
+        f"WS alone on the {len(weights)} conv weights of {config.arch} ({count / 1e6:.1f} M values), "
+        f"{torch.get_num_threads()} threads, median of {rounds} interleaved rounds:",
+        "",
+        "| implementation | forward + backward ms | forward (no grad) ms |",
+        "|---|---:|---:|",
+    ]
+    for name in KERNELS:
+        both = 1e3 * statistics.median(times[(name, "forward + backward")])
+        fwd = 1e3 * statistics.median(times[(name, "forward, no grad")])
+        lines.append(f"| {name} | {both:.1f} | {fwd:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def _swap_convs(model: nn.Module, make: Callable[[nn.Conv2d], nn.Conv2d]) -> nn.Module:
@@ -423,6 +492,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--configs", default="r50,r18", help=f"comma-separated, from {sorted(CONFIGS)}")
     parser.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up step: to check the script")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak training memory measurement")
+    parser.add_argument("--kernels", action="store_true", help="only time the WS implementations on the weights")
     parser.add_argument("--json", help="write the results as JSON here")
     parser.add_argument("--png", help="write the bar chart here (needs matplotlib)")
     parser.add_argument("--markdown", help="write the docs-ready markdown table here")
@@ -440,6 +510,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
+    if args.kernels:
+        text = "\n".join(kernel_benchmark(CONFIGS[key], args.rounds) for key in args.configs.split(","))
+        print(text)
+        if args.markdown:
+            with open(args.markdown, "w") as handle:
+                handle.write(text)
+        return 0
     summaries: list[dict] = []
     for key in args.configs.split(","):
         config = CONFIGS[key]
