@@ -11,8 +11,8 @@ hold instances of a class whose module is already imported, so wsconvert never i
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -68,7 +68,9 @@ def _optional_types(module_name: str, *names: str) -> tuple[type, ...]:
 
 
 def _timm_standardized_convs() -> tuple[type, ...]:
-    return _optional_types("timm.layers.std_conv", "StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")
+    return _optional_types(
+        "timm.layers.std_conv", "StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame"
+    )
 
 
 def _timm_norm_act() -> tuple[type, ...]:
