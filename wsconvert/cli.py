@@ -97,7 +97,8 @@ class _Progress:
 
 
 @click.command(
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    # A fixed width keeps --help identical everywhere (the README embeds it, tests/test_cli_readme.py checks).
+    context_settings={"help_option_names": ["-h", "--help"], "terminal_width": 100, "max_content_width": 100},
     epilog=EPILOG,
 )
 @click.argument("input", type=click.Path(path_type=Path, dir_okay=True))
