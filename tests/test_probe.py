@@ -377,3 +377,22 @@ def test_no_warning_without_skip() -> None:
         warnings.simplefilter("error")
         plan_conversion(Untraceable())
         convert_model(Untraceable())
+
+
+def test_input_shape_builds_the_probe_input() -> None:
+    report = plan_conversion(Untraceable(), input_shape=[2, 4, 8, 8])
+    assert report.unnormalized_detection.startswith("forward hooks on the example input")
+    assert [u.path for u in report.unnormalized] == ["head"]
+    model = convert_model(Untraceable().double(), skip_unnormalized=True, input_shape=(1, 4, 8, 8))
+    assert not parametrize.is_parametrized(model.head) and parametrize.is_parametrized(model.conv)
+
+
+@pytest.mark.parametrize("shape", [[], "1,4,8,8", [1, 0, 8], [1, 4.0, 8], [True, 4], 5])
+def test_bad_input_shape(shape: object) -> None:
+    with pytest.raises(InvalidOptionError, match="input_shape=.* must be a non-empty list of positive integers"):
+        plan_conversion(Untraceable(), input_shape=shape)
+
+
+def test_input_shape_and_example_inputs_together() -> None:
+    with pytest.raises(InvalidOptionError, match="not both"):
+        convert_model(Untraceable(), skip_unnormalized=True, example_inputs=X, input_shape=[1, 4, 8, 8])

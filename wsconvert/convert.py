@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 from . import compat
 from .errors import InvalidOptionError, WSConvertError
 from .options import ConversionOptions
-from .probe import add_probe_to_report, probe_unnormalized, skip_unnormalized_steps
+from .probe import add_probe_to_report, probe_unnormalized, resolve_example_inputs, skip_unnormalized_steps
 from .report import ConversionReport
 from .standardize import WeightStandardization
 from .walk import apply, build_report, plan
@@ -48,6 +48,7 @@ def plan_conversion(
     inplace: bool = False,
     skip_unnormalized: bool = False,
     example_inputs: object = None,
+    input_shape: Sequence[int] | None = None,
 ) -> ConversionReport:
     """What ``convert_model`` with these options would do, without touching ``model``.
 
@@ -55,7 +56,8 @@ def plan_conversion(
     also lists the convs whose output feeds no normalization layer (``report.unnormalized``, found by
     ``wsconvert.probe``): by torch.fx tracing, or, when the model cannot be traced, by one forward pass
     on ``example_inputs`` (a tuple of positional arguments, or one argument such as a Tensor), run in
-    eval mode without gradients.
+    eval mode without gradients. ``input_shape=(1, 3, 224, 224)`` is shorthand for a random normal
+    ``example_inputs`` of that shape on the model's device and dtype.
     """
     options = ConversionOptions.build(
         gn=gn,
@@ -67,7 +69,7 @@ def plan_conversion(
         skip_unnormalized=skip_unnormalized,
     )
     model = _check_model(model)
-    probe = probe_unnormalized(model, example_inputs)
+    probe = probe_unnormalized(model, resolve_example_inputs(model, example_inputs, input_shape))
     steps = skip_unnormalized_steps(plan(model, options), probe, options)
     return add_probe_to_report(build_report(steps, options), steps, probe, options)
 
@@ -84,6 +86,7 @@ def convert_model(
     inplace: bool = False,
     skip_unnormalized: bool = False,
     example_inputs: object = None,
+    input_shape: Sequence[int] | None = None,
 ) -> nn.Module:
     """Put Weight Standardization on every conv weight and, with ``gn=G``, swap BatchNorm for GroupNorm.
 
@@ -93,7 +96,7 @@ def convert_model(
     model itself is a BatchNorm layer).
 
     With ``skip_unnormalized=True``, convs whose output feeds no normalization layer keep a plain weight
-    (see ``plan_conversion`` for how they are found and for ``example_inputs``).
+    (see ``plan_conversion`` for how they are found and for ``example_inputs`` / ``input_shape``).
     """
     options = ConversionOptions.build(
         gn=gn,
@@ -105,7 +108,8 @@ def convert_model(
         skip_unnormalized=skip_unnormalized,
     )
     steps = plan(_check_model(model), options)  # raises on unconvertible modules before anything is copied
-    probe = probe_unnormalized(model, example_inputs) if skip_unnormalized else None
+    example = resolve_example_inputs(model, example_inputs, input_shape)
+    probe = probe_unnormalized(model, example) if skip_unnormalized else None
     if inplace:
         return apply(model, skip_unnormalized_steps(steps, probe, options), options)
     target = _copy(model)

@@ -59,6 +59,7 @@ __all__ = [
     "is_norm_layer",
     "norm_types",
     "probe_unnormalized",
+    "resolve_example_inputs",
 ]
 
 NORM_FUNCTIONS = frozenset(
@@ -478,6 +479,30 @@ def probe_unnormalized(model: nn.Module, example_inputs: Any = None, *, method: 
 
 
 # --- glue used by convert.py -------------------------------------------------------------------
+
+
+def resolve_example_inputs(model: nn.Module, example_inputs: Any, input_shape: Any) -> Any:
+    """``example_inputs``, or a random normal tensor of ``input_shape`` on the model's device and dtype.
+
+    ``input_shape`` (e.g. ``(1, 3, 224, 224)``) is the JSON-friendly form the CLI's ``--input-shape`` uses.
+    """
+    if input_shape is None:
+        return example_inputs
+    if example_inputs is not None:
+        raise InvalidOptionError("pass example_inputs or input_shape, not both")
+    if (
+        isinstance(input_shape, (str, bytes))
+        or not isinstance(input_shape, (list, tuple))
+        or not input_shape
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in input_shape)
+    ):
+        raise InvalidOptionError(
+            f"input_shape={input_shape!r} must be a non-empty list of positive integers, e.g. [1, 3, 224, 224]"
+        )
+    reference = next((t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
+    if reference is None:
+        return torch.randn(tuple(input_shape))
+    return torch.randn(tuple(input_shape), device=reference.device, dtype=reference.dtype)
 
 
 def skip_unnormalized_steps(steps: list, probe: ProbeResult | None, options: Any) -> list:
