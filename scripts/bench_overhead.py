@@ -51,6 +51,7 @@ from torch.nn.utils import parametrize
 
 import wsconvert
 from wsconvert import WeightStandardization, bake, convert_model, standardize_weight
+from wsconvert.standardize import _filters_as_rows, _standard
 
 EPS = 1e-5
 TRAIN_VARIANTS = ("plain", "wsconvert", "timm", "var_mean", "paper")
@@ -119,8 +120,15 @@ class AnalyticStandardize(torch.autograd.Function):
         return (grad - g_mean - out * gy_mean).mul_(rstd)
 
 
+def _row_view_path(w: Tensor) -> Tensor:
+    """How wsconvert computed the "standard" style before the one-call fast path (commit 7d3801a)."""
+    rows, restore = _filters_as_rows(w, False, 1)
+    return restore(_standard(rows, EPS))
+
+
 KERNELS: dict[str, Callable[[Tensor], Tensor]] = {
     "wsconvert: F.layer_norm": lambda w: standardize_weight(w, EPS),
+    "wsconvert before the fast path (row view, layer_norm, view back)": lambda w: _row_view_path(w),
     "timm: F.batch_norm trick": lambda w: F.batch_norm(
         w.reshape(1, w.shape[0], -1), None, None, training=True, momentum=0.0, eps=EPS
     ).reshape_as(w),
