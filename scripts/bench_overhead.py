@@ -86,7 +86,8 @@ def paper_standardize(w: Tensor) -> Tensor:
     """The authors' reference formula: mean by chained means, unbiased std of the centred filter, + eps."""
     mean = w.mean(dim=1, keepdim=True).mean(dim=2, keepdim=True).mean(dim=3, keepdim=True)
     centred = w - mean
-    std = centred.view(centred.size(0), -1).std(dim=1).view(-1, 1, 1, 1) + EPS
+    # the original uses .view here, which fails on channels_last weights; reshape computes the same numbers
+    std = centred.reshape(centred.size(0), -1).std(dim=1).view(-1, 1, 1, 1) + EPS
     return centred / std
 
 
