@@ -308,7 +308,16 @@ class Series:
     variant: str
     seconds: list[float] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
+    cpu_ratios: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
+
+    def add(self, times: dict[str, tuple[float, float]]) -> None:
+        wall, cpu = times[self.variant]
+        self.seconds.append(wall)
+        self.ratios.append(wall / times["plain"][0])
+        self.cpu_seconds.append(cpu)
+        self.cpu_ratios.append(cpu / times["plain"][1])
 
     def summary(self) -> dict:
         out = {
@@ -320,19 +329,27 @@ class Series:
             "ratio_min": min(self.ratios),
             "ratio_max": max(self.ratios),
             "rounds": len(self.seconds),
+            "cpu_ratio_median": statistics.median(self.cpu_ratios),
+            "cpu_ratio_min": min(self.cpu_ratios),
+            "cpu_ratio_max": max(self.cpu_ratios),
+            "ratios": self.ratios,
+            "cpu_ratios": self.cpu_ratios,
         }
         if self.peak_bytes is not None:
             out["peak_mib"] = self.peak_bytes / 2**20
         return out
 
 
-def _timed(step: Callable[[], object], device: torch.device, steps: int) -> float:
+def _timed(step: Callable[[], object], device: torch.device, steps: int) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) per step. CPU time is what this process used on all its threads:
+    unlike wall time it hardly moves when other processes compete for the cores (it still feels shared caches
+    and memory bandwidth). On CUDA only the wall time means anything."""
     _sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
     _sync(device)
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / steps, (time.process_time() - cpu_start) / steps
 
 
 def run_config(config: Config, args: argparse.Namespace, log: Callable[[str], None]) -> list[Series]:
@@ -369,8 +386,7 @@ def run_config(config: Config, args: argparse.Namespace, log: Callable[[str], No
             name: _timed(lambda r=runners[name]: r.train_step(x, y), device, args.steps) for name in TRAIN_VARIANTS
         }
         for name in TRAIN_VARIANTS:
-            train[name].seconds.append(times[name])
-            train[name].ratios.append(times[name] / times["plain"])
+            train[name].add(times)
         log(f"  {config.name} train round {round_index + 1}: " + _round_line(times))
     results.extend(train.values())
 
@@ -388,8 +404,7 @@ def run_config(config: Config, args: argparse.Namespace, log: Callable[[str], No
     for round_index in range(args.rounds):
         times = {name: _timed(lambda r=runners[name]: r.eval_step(x), device, args.steps) for name in EVAL_VARIANTS}
         for name in EVAL_VARIANTS:
-            evals[name].seconds.append(times[name])
-            evals[name].ratios.append(times[name] / times["plain"])
+            evals[name].add(times)
         log(f"  {config.name} eval round {round_index + 1}: " + _round_line(times))
     results.extend(evals.values())
     for series in results:
@@ -397,8 +412,8 @@ def run_config(config: Config, args: argparse.Namespace, log: Callable[[str], No
     return results
 
 
-def _round_line(times: dict[str, float]) -> str:
-    return " ".join(f"{name}={1e3 * t:.1f}ms" for name, t in times.items())
+def _round_line(times: dict[str, tuple[float, float]]) -> str:
+    return " ".join(f"{name}={1e3 * wall:.1f}ms(cpu {1e3 * cpu:.1f})" for name, (wall, cpu) in times.items())
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -436,8 +451,9 @@ def markdown(summaries: list[dict], info: dict) -> str:
         f"{info['rounds']} interleaved rounds x {info['steps_per_round']} step(s); "
         f"1-min load average {info['loadavg_1min_before']:.2f} before, {info['loadavg_1min_after']:.2f} after.",
         "",
-        "| config | mode | variant | median ms | ratio to plain: median (min - max) | peak train MiB | memory ratio |",
-        "|---|---|---|---:|---|---:|---:|",
+        "| config | mode | variant | median ms | wall-time ratio to plain: median (min - max) "
+        "| CPU-time ratio: median (min - max) | peak train MiB | memory ratio |",
+        "|---|---|---|---:|---|---|---:|---:|",
     ]
     plain_peak = {(s["config"], s["mode"]): s.get("peak_mib") for s in summaries if s["variant"] == "plain"}
     for s in summaries:
@@ -447,13 +463,52 @@ def markdown(summaries: list[dict], info: dict) -> str:
         mem_ratio = f"{peak / base:.3f}" if peak is not None and base else ""
         lines.append(
             f"| {s['config']} | {s['mode']} | {s['variant']} | {s['median_ms']:.1f} | "
-            f"{s['ratio_median']:.3f} ({s['ratio_min']:.3f} - {s['ratio_max']:.3f}) | {mem} | {mem_ratio} |"
+            f"{s['ratio_median']:.3f} ({s['ratio_min']:.3f} - {s['ratio_max']:.3f}) | "
+            f"{s['cpu_ratio_median']:.3f} ({s['cpu_ratio_min']:.3f} - {s['cpu_ratio_max']:.3f}) | {mem} | {mem_ratio} |"
         )
-    bitwise = {s["config"]: s["bitwise_baked"] for s in summaries}
-    lines.append("")
-    for config, ok in bitwise.items():
-        lines.append(f"- {config}: baked model outputs bitwise equal to the parametrized model in eval: **{ok}**")
+    lines.extend(["", *targets(summaries)])
     return "\n".join(lines) + "\n"
+
+
+def _per_round(summaries: list[dict], config: str, mode: str, a: str, b: str, key: str) -> list[float]:
+    """Per-round time ratio of variant a to variant b (from their per-round ratios to plain)."""
+    find = {s["variant"]: s for s in summaries if s["config"] == config and s["mode"] == mode}
+    return [x / y for x, y in zip(find[a][key], find[b][key], strict=True)]
+
+
+def targets(summaries: list[dict]) -> list[str]:
+    """The issue's targets, checked against this run (wall time; CPU time in brackets)."""
+    lines = ["Targets (issue 5), this run: wall time, CPU time in brackets:", ""]
+    for config in dict.fromkeys(s["config"] for s in summaries):
+        get = {(s["mode"], s["variant"]): s for s in summaries if s["config"] == config}
+
+        def both(values: tuple[list[float], list[float]]) -> str:
+            wall, cpu = (statistics.median(v) for v in values)
+            return f"{wall:.3f} [{cpu:.3f}]"
+
+        versus_timm = tuple(
+            _per_round(summaries, config, "train", "wsconvert", "timm", k) for k in ("ratios", "cpu_ratios")
+        )
+        train = get[("train", "wsconvert")]
+        lines.append(
+            f"- {config}: training step wsconvert / plain {both((train['ratios'], train['cpu_ratios']))}; "
+            f"wsconvert / timm StdConv2d (ratio of ratios, target <= 1.03) {both(versus_timm)}"
+        )
+        for variant, target in (("wsconvert", "<= 1.01"), ("wsconvert-baked", "1.00")):
+            s = get[("eval", variant)]
+            lines.append(f"- {config}: eval {variant} / plain (target {target}) {both((s['ratios'], s['cpu_ratios']))}")
+        if "peak_mib" in train:
+            ratio = train["peak_mib"] / get[("train", "plain")]["peak_mib"]
+            timm_ratio = get[("train", "timm")]["peak_mib"] / get[("train", "plain")]["peak_mib"]
+            lines.append(
+                f"- {config}: peak training memory wsconvert / plain (target <= 1.05) {ratio:.3f} "
+                f"(timm StdConv2d {timm_ratio:.3f})"
+            )
+        lines.append(
+            f"- {config}: baked model outputs bitwise equal to the parametrized model in eval: "
+            f"**{train['bitwise_baked']}**"
+        )
+    return lines
 
 
 def chart(summaries: list[dict], info: dict, path: str) -> None:
@@ -471,12 +526,15 @@ def chart(summaries: list[dict], info: dict, path: str) -> None:
         low = [s["ratio_median"] - s["ratio_min"] for s in rows]
         high = [s["ratio_max"] - s["ratio_median"] for s in rows]
         colours = ["#888888" if n == "plain" else "#1f77b4" if n.startswith("wsconvert") else "#ff7f0e" for n in names]
-        ax.bar(range(len(rows)), med, yerr=[low, high], color=colours, capsize=3)
+        ax.bar(range(len(rows)), med, yerr=[low, high], color=colours, capsize=3, label="wall time (min-max)")
+        ax.plot(range(len(rows)), [s["cpu_ratio_median"] for s in rows], "k.", label="CPU time (median)")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(rows)), names, rotation=35, ha="right", fontsize=8)
         ax.set_title(f"{config}\n{mode}", fontsize=9)
         ax.set_ylabel("time / plain (median, min-max)")
-        ax.set_ylim(0.8, max(1.1, max(s["ratio_max"] for s in rows) * 1.05))
+        top = max(max(s["ratio_max"], s["cpu_ratio_median"]) for s in rows)
+        ax.set_ylim(0.8, max(1.1, top * 1.05))
+        ax.legend(fontsize=7, loc="upper left")
         for i, value in enumerate(med):
             ax.text(i, value + 0.01, f"{value:.2f}", ha="center", va="bottom", fontsize=7)
     fig.suptitle(
