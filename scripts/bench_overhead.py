@@ -536,7 +536,7 @@ def chart(summaries: list[dict], info: dict, path: str) -> None:
         ax.set_ylim(0.8, max(1.1, top * 1.05))
         ax.legend(fontsize=7, loc="upper left")
         for i, value in enumerate(med):
-            ax.text(i, value + 0.01, f"{value:.2f}", ha="center", va="bottom", fontsize=7)
+            ax.text(i, 0.81, f"{value:.2f}", ha="center", va="bottom", fontsize=7, color="white", weight="bold")
     fig.suptitle(
         f"Weight standardization overhead - {info['device_name']}, {info['threads']} threads, torch {info['torch']}",
         fontsize=10,
