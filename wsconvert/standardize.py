@@ -153,8 +153,9 @@ class WeightStandardization(nn.Module):
     frozen W), W_hat is cached and reused until W changes. The cache key is W's storage address,
     version counter (bumped by optimizer steps, ``load_state_dict`` and any in-place edit), dtype,
     device, shape and strides; ``.to()`` / ``.half()`` / ``.cuda()`` clear it, and so does every
-    forward that records gradients. Code that rewrites W while hiding the version bump can call
-    ``clear_cache()``; ``cache=False`` turns caching off.
+    forward that records gradients. Edits through ``W.data`` (``p.data.mul_(...)``, ``p.data.copy_(...)``)
+    get a fresh version counter from PyTorch and are NOT seen: code that rewrites W that way should call
+    ``clear_cache()`` (or use ``torch.no_grad()`` and edit ``p`` itself); ``cache=False`` turns caching off.
     """
 
     def __init__(
