@@ -10,7 +10,8 @@ made untimed, then the call is timed:
 
 for gn=None (BatchNorm kept) and gn=32 (BatchNorm -> GroupNorm). Median and min over --repeats.
 
-    python scripts/bench_convert.py --threads 1 --repeats 5 --markdown docs/bench_convert.md
+    python scripts/bench_convert.py --threads 2 --repeats 5 --json docs/data/bench_convert.json \
+        --markdown docs/data/bench_convert.md
 """
 
 from __future__ import annotations

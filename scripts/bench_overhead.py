@@ -24,8 +24,9 @@ torch.profiler's allocation events on CPU (exact, independent of the allocator's
 torch.cuda.max_memory_allocated on CUDA.
 
 Example (the command used for docs/benchmarks.md):
-    python scripts/bench_overhead.py --threads 2 --rounds 15 \
-        --json docs/bench_overhead.json --png docs/img/bench_overhead.png --markdown docs/bench_overhead.md
+    python scripts/bench_overhead.py --threads 2 --rounds 15 --json docs/data/bench_overhead.json \
+        --png docs/img/bench_overhead.png --markdown docs/data/bench_overhead.md
+    python scripts/bench_overhead.py --kernels --threads 2 --rounds 15 --markdown docs/data/bench_kernels.md
 """
 
 from __future__ import annotations
