@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import InvalidOptionError
+from .errors import InvalidOptionError, UnsupportedModuleError
 
 __all__ = ["STYLES", "WeightStandardization", "standardize_weight", "validate_eps", "validate_style"]
 
@@ -205,6 +205,18 @@ class WeightStandardization(nn.Module):
 
     def clear_cache(self) -> None:
         self._cached = None
+
+    def __prepare_scriptable__(self) -> WeightStandardization:
+        """Refuse ``torch.jit.script``, which calls this on every submodule (torch/jit/_script.py).
+
+        TorchScript cannot compile parametrize's machinery; without this the user gets an unrelated
+        NotSupportedError about variadic arguments. ``torch.jit.trace`` and ``torch.export`` do work.
+        """
+        raise UnsupportedModuleError(
+            "torch.jit.script cannot compile a weight-standardized model (torch.nn.utils.parametrize is not "
+            "scriptable); call wsconvert.bake(model) first and script the baked model, which computes the same "
+            "outputs with plain conv weights (for inference and export, not further WS training)"
+        )
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's own signature
         self._cached = None
