@@ -266,6 +266,10 @@ def test_ema_of_averaged_model_keeps_n_averaged(tmp_path: Path) -> None:
     assert "kept as is (outside the model): n_averaged" in result.stdout
 
 
+def _shape(text: str) -> list[int]:
+    return [int(part) for part in text.split(",")]
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -274,6 +278,7 @@ def test_ema_of_averaged_model_keeps_n_averaged(tmp_path: Path) -> None:
         ["--gn", "16", "--style", "paper", "--eps", "0.001"],
         ["--gn", "8", "--exclude", "layer4.*", "--exclude", "fc", "--skip-depthwise"],
         ["--include", "layer1.*"],
+        ["--gn", "8", "--skip-unnormalized", "--input-shape", "1,3,32,32"],
     ],
     ids=lambda o: " ".join(o) or "defaults",
 )
@@ -281,15 +286,16 @@ def test_options_reach_the_library(tmp_path: Path, options: list[str]) -> None:
     layout = _raw(tmp_path, "")
     assert_ok(run(layout.path, *layout.args, *options))
     parsed = {"gn": None, "eps": 1e-5, "style": "standard", "include": [], "exclude": [], "skip_depthwise": False}
+    parsed |= {"skip_unnormalized": False, "input_shape": None}
     it = iter(options)
     for flag in it:
         name = flag[2:].replace("-", "_")
-        if name == "skip_depthwise":
+        if name in ("skip_depthwise", "skip_unnormalized"):
             parsed[name] = True
         elif name in ("include", "exclude"):
             parsed[name].append(next(it))
         else:
-            parsed[name] = {"gn": int, "eps": float, "style": str}[name](next(it))
+            parsed[name] = {"gn": int, "eps": float, "style": str, "input_shape": _shape}[name](next(it))
     library = {k: (v or None) if k in ("include", "exclude") else v for k, v in parsed.items()}
     out = read_output(ckpt.default_output_path(layout.path))
     assert_same_as_python(layout, out, library)

@@ -38,7 +38,7 @@ Exit codes:
 
 # The command-line options that are convert_model / plan_conversion keyword arguments, in one place:
 # a new library option is one more name here plus its click option below.
-LIBRARY_OPTIONS = ("gn", "eps", "style", "include", "exclude", "skip_depthwise")
+LIBRARY_OPTIONS = ("gn", "eps", "style", "include", "exclude", "skip_depthwise", "skip_unnormalized", "input_shape")
 
 
 def library_options(params: dict[str, Any]) -> dict[str, Any]:
@@ -60,6 +60,18 @@ def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) 
     if not isinstance(parsed, dict):
         raise click.BadParameter(f"must be a JSON object such as '{{\"num_classes\": 10}}', got {value}")
     return parsed
+
+
+def _input_shape(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        shape = [int(part) for part in value.split(",")]
+    except ValueError:
+        shape = []
+    if not shape or any(d < 1 for d in shape):
+        raise click.BadParameter(f"{value!r} must be comma-separated positive integers, e.g. 1,3,224,224")
+    return shape
 
 
 def _positive_eps(ctx: click.Context, param: click.Parameter, value: float) -> float:
@@ -132,6 +144,17 @@ class _Progress:
 )
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave modules whose dotted path matches (repeatable).")
 @click.option("--skip-depthwise", is_flag=True, help="Do not standardize depthwise convs.")
+@click.option(
+    "--skip-unnormalized",
+    is_flag=True,
+    help="Do not standardize convs whose output feeds no norm layer (SE convs, heads; docs/unnormalized.md).",
+)
+@click.option(
+    "--input-shape",
+    metavar="N,C,H,W",
+    callback=_input_shape,
+    help="Random input of this shape for the unnormalized-conv probe when torch.fx cannot trace the model.",
+)
 @click.option("--bake", is_flag=True, help="Store standardized weights as plain conv weights (inference/export).")
 @click.option("--dry-run", is_flag=True, help="Load, plan and report; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print only the report, as JSON, on stdout.")

@@ -467,7 +467,10 @@ def probe_unnormalized(model: nn.Module, example_inputs: Any = None, *, method: 
     if method == "fx":
         return ProbeResult("unavailable", fx_failure)
     if example_inputs is None:
-        return ProbeResult("unavailable", f"{fx_failure}; pass example_inputs to probe with a forward pass")
+        return ProbeResult(
+            "unavailable",
+            f"{fx_failure}; pass example_inputs or input_shape (CLI: --input-shape) to probe with a forward pass",
+        )
     findings = _Findings(model)
     try:
         _hook_probe(model, _as_args(example_inputs), findings, norms)
