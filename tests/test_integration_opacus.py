@@ -24,6 +24,15 @@ from opacus.validators import ModuleValidator  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on a small, shared CPU more threads than free cores make every op far slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_cnn(bias: bool) -> nn.Module:
     """Convs with and without bias, a grouped conv, BatchNorm (to become GroupNorm) and a linear head."""
     return nn.Sequential(

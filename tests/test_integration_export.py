@@ -1,0 +1,89 @@
+"""Export of converted models: bake first, then torch.export / torch.jit.trace / ONNX (issue 4, point 7).
+
+A baked model has plain conv weights, so every exporter sees an ordinary network. Of the un-baked model:
+torch.export, torch.jit.trace and the dynamo ONNX exporter trace through the parametrization and work (the
+graph then recomputes the standardization at every call); torch.jit.script cannot, and wsconvert intercepts it
+with an error that says to bake first.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import wsconvert
+from wsconvert.errors import UnsupportedModuleError
+
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is a test extra: pip install -e '.[test]'")
+pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript (a test extra)")
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::torch.jit.TracerWarning"
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on a small, shared CPU more threads than free cores make every op far slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def converted() -> nn.Module:
+    torch.manual_seed(0)
+    model = wsconvert.convert_model(torchvision.models.resnet18(weights=None, num_classes=10), gn=32)
+    with torch.no_grad():  # random GroupNorm affines, so a wrong weight cannot hide behind gamma=1, beta=0
+        for module in model.modules():
+            if isinstance(module, nn.GroupNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def x() -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _run_onnx(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    return torch.from_numpy(out)
+
+
+EXPORTERS = {
+    "torch.export": lambda model, x: torch.export.export(model, (x,)).module()(x),
+    "jit.trace": lambda model, x: torch.jit.trace(model, (x,))(x),
+    "onnx-dynamo+onnxruntime": _run_onnx,
+}
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_baked_model_exports_with_equal_outputs(converted: nn.Module, x: torch.Tensor, exporter: str) -> None:
+    with torch.no_grad():
+        expected = converted(x)
+        baked = wsconvert.bake(converted)
+        assert not any(wsconvert.is_standardized(m) for m in baked.modules())
+        got = EXPORTERS[exporter](baked, x)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_unbaked_model_traces_through_the_parametrization(converted: nn.Module, x: torch.Tensor, exporter: str) -> None:
+    """No error to intercept here: these exporters record the standardization ops (bake to leave them out)."""
+    with torch.no_grad():
+        torch.testing.assert_close(EXPORTERS[exporter](converted, x), converted(x), atol=1e-4, rtol=1e-4)
+
+
+def test_jit_script_of_unbaked_model_says_to_bake_first(converted: nn.Module, x: torch.Tensor) -> None:
+    with pytest.raises(UnsupportedModuleError, match=r"wsconvert\.bake\(model\) first"):
+        torch.jit.script(converted)
+    scripted = torch.jit.script(wsconvert.bake(converted))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), converted(x), atol=1e-4, rtol=1e-4)
