@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import os
 import pickle
 import re
 import secrets
 import struct
+import sys
 import zipfile
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping
@@ -48,6 +51,7 @@ __all__ = [
     "load_checkpoint",
     "match_prefix",
     "read_info",
+    "release_mapped_pages",
     "safe_globals",
     "sniff",
     "write_atomic",
@@ -389,28 +393,95 @@ def write_atomic(path: str | os.PathLike, *, force: bool = False) -> Iterator[Pa
             tmp.unlink()
 
 
-class _CountingWriter:
-    """A binary file wrapper that reports the number of bytes written so far."""
+# While writing, drop the input file's pages from this process every this many bytes (see release_mapped_pages).
+RELEASE_EVERY_BYTES = 64 * 2**20
+_MADV_DONTNEED = 4  # Linux
 
-    def __init__(self, file: Any, on_bytes: Callable[[int], None]) -> None:
+
+def _madvise() -> Callable | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+def release_mapped_pages(path: str | os.PathLike) -> int:
+    """Drop this process's resident pages of its private memory maps of ``path`` (Linux; elsewhere a no-op).
+
+    ``torch.load(mmap=True)`` maps the input file privately; pages read while writing the output stay
+    resident and count towards the process's memory. wsconvert never writes to the loaded tensors (the
+    conversion reuses them, ``bake`` swaps storages with ``set_``), so those pages equal the file and
+    ``madvise(MADV_DONTNEED)`` only makes the kernel re-read them from the page cache if needed again.
+    Returns the number of bytes advised.
+    """
+    madvise = _madvise()
+    if madvise is None:
+        return 0
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/maps") as maps:
+            lines = maps.read().splitlines()
+    except OSError:
+        return 0
+    released = 0
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == real and fields[1].endswith("p"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if madvise(start, end - start, _MADV_DONTNEED) == 0:
+                released += end - start
+    return released
+
+
+class _Writer:
+    """A binary file wrapper: reports bytes written and releases the input's mapped pages as it goes."""
+
+    def __init__(self, file: Any, on_bytes: Callable[[int], None] | None, release: str | os.PathLike | None) -> None:
         self._file = file
         self._on_bytes = on_bytes
+        self._release = release
         self._written = 0
+        self._since_release = 0
 
     def write(self, data: Any) -> int:
         n = self._file.write(data)
-        self._written += len(memoryview(data).cast("B")) if n is None else n
-        self._on_bytes(self._written)
-        return n if n is not None else 0
+        n = len(memoryview(data).cast("B")) if n is None else n
+        self._written += n
+        self._since_release += n
+        if self._release is not None and self._since_release >= RELEASE_EVERY_BYTES:
+            release_mapped_pages(self._release)
+            self._since_release = 0
+        if self._on_bytes is not None:
+            self._on_bytes(self._written)
+        return n
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._file, name)
 
 
-def write_torch(obj: object, path: str | os.PathLike, *, force: bool = False, on_bytes=None) -> None:
-    """``torch.save(obj)`` to ``path`` atomically (see :func:`write_atomic`)."""
+def write_torch(
+    obj: object,
+    path: str | os.PathLike,
+    *,
+    force: bool = False,
+    on_bytes: Callable[[int], None] | None = None,
+    release: str | os.PathLike | None = None,
+) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (see :func:`write_atomic`).
+
+    ``on_bytes`` is called with the number of bytes written so far; ``release`` names a memory-mapped
+    input whose pages are dropped every RELEASE_EVERY_BYTES (:func:`release_mapped_pages`).
+    """
     with write_atomic(path, force=force) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, _CountingWriter(f, on_bytes) if on_bytes else f)
+        torch.save(obj, _Writer(f, on_bytes, release) if (on_bytes or release) else f)
+    if release is not None:
+        release_mapped_pages(release)
 
 
 def write_safetensors(

@@ -386,11 +386,11 @@ def convert_checkpoint(
     if loaded.format == "safetensors":
         ckpt.write_safetensors(rewritten[None], target, ckpt.info_as_metadata(info, loaded.metadata), force=force)
     elif loaded.kind == "state_dict":
-        _write(rewritten[None], target, force, on_bytes)
+        _write(rewritten[None], target, force, on_bytes, loaded)
     else:
         result_obj = {key: rewritten.get(key, value) for key, value in loaded.obj.items() if key not in info["dropped"]}
         result_obj[ckpt.INFO_KEY] = info
-        _write(result_obj, target, force, on_bytes)
+        _write(result_obj, target, force, on_bytes, loaded)
     conversion.written = True
     return conversion
 
@@ -423,12 +423,16 @@ def _tensor_bytes(obj: Any) -> int:
     return total
 
 
-def _write(obj: Any, target: Path, force: bool, on_bytes: Callable[[int, int], None] | None) -> None:
+def _write(
+    obj: Any, target: Path, force: bool, on_bytes: Callable[[int, int], None] | None, loaded: ckpt.Loaded
+) -> None:
+    # A whole pickle's own code could have changed its tensors while unpickling: keep those pages.
+    release = loaded.path if loaded.mmap and loaded.kind != "module" else None
     if on_bytes is None:
-        ckpt.write_torch(obj, target, force=force)
+        ckpt.write_torch(obj, target, force=force, release=release)
         return
     total = _tensor_bytes(obj)
-    ckpt.write_torch(obj, target, force=force, on_bytes=lambda done: on_bytes(done, total))
+    ckpt.write_torch(obj, target, force=force, on_bytes=lambda done: on_bytes(done, total), release=release)
 
 
 def _convert_module(
@@ -463,10 +467,10 @@ def _convert_module(
     if bake:
         model = bake_model(convert_model(module, **options, inplace=True), inplace=True)
         model._wsconvert_info = info
-        _write(model, target, force, on_bytes)
+        _write(model, target, force, on_bytes, loaded)
     else:
         # The original module and the rewritten state dict share their tensors: torch.save stores them once.
-        _write({ckpt.INFO_KEY: info, "module": module, "state_dict": state_dict}, target, force, on_bytes)
+        _write({ckpt.INFO_KEY: info, "module": module, "state_dict": state_dict}, target, force, on_bytes, loaded)
     conversion.written = True
     return conversion
 
