@@ -78,7 +78,8 @@ def _image(size: int | tuple[int, int], batch: int = 1) -> Callable[[], tuple]:
 
 
 # torchvision classification: input size and builder kwargs where the default 64x64 does not fit.
-_TV_CLASSIFICATION_SIZE = {"inception_v3": 96, "maxvit_t": 224}
+# inception_v3 trains its auxiliary head, whose fixed 5x5 pooling and conv need a 299x299 input.
+_TV_CLASSIFICATION_SIZE = {"inception_v3": 299, "maxvit_t": 224}
 _TV_CLASSIFICATION_KWARGS: dict[str, dict] = {
     "vit_b_16": {"image_size": 64},
     "vit_b_32": {"image_size": 64},
@@ -445,7 +446,7 @@ def _check(entry: Entry, result: Result) -> None:
     result.activations = acts_before
 
     report = plan_conversion(model, gn=GN, example_inputs=inputs)
-    converted = convert_model(model, gn=GN, inplace=True)
+    converted = convert_model(model, gn=GN, inplace=True, example_inputs=inputs)
     del model
 
     # the report accounts for every conv and BatchNorm-family layer

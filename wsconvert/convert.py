@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 from . import compat
 from .errors import InvalidOptionError, WSConvertError
 from .options import ConversionOptions
+from .pooled import one_group_for_pooled_norms, pooled_norm_sizes
 from .probe import add_probe_to_report, probe_unnormalized, resolve_example_inputs, skip_unnormalized_steps
 from .report import ConversionReport
 from .standardize import WeightStandardization
@@ -57,7 +58,8 @@ def plan_conversion(
     ``wsconvert.probe``): by torch.fx tracing, or, when the model cannot be traced, by one forward pass
     on ``example_inputs`` (a tuple of positional arguments, or one argument such as a Tensor), run in
     eval mode without gradients. ``input_shape=(1, 3, 224, 224)`` is shorthand for a random normal
-    ``example_inputs`` of that shape on the model's device and dtype.
+    ``example_inputs`` of that shape on the model's device and dtype. With an input, norm layers that
+    see one value per channel (after global pooling) become ``GroupNorm(1, C)`` (see wsconvert.pooled).
     """
     options = ConversionOptions.build(
         gn=gn,
@@ -69,8 +71,10 @@ def plan_conversion(
         skip_unnormalized=skip_unnormalized,
     )
     model = _check_model(model)
-    probe = probe_unnormalized(model, resolve_example_inputs(model, example_inputs, input_shape))
+    example = resolve_example_inputs(model, example_inputs, input_shape)
+    probe = probe_unnormalized(model, example)
     steps = skip_unnormalized_steps(plan(model, options), probe, options)
+    steps = one_group_for_pooled_norms(steps, pooled_norm_sizes(model, example, options.gn))
     return add_probe_to_report(build_report(steps, options), steps, probe, options)
 
 
@@ -96,7 +100,8 @@ def convert_model(
     model itself is a BatchNorm layer).
 
     With ``skip_unnormalized=True``, convs whose output feeds no normalization layer keep a plain weight
-    (see ``plan_conversion`` for how they are found and for ``example_inputs`` / ``input_shape``).
+    (see ``plan_conversion`` for how they are found and for ``example_inputs`` / ``input_shape``). With an
+    input, norm layers that see one value per channel (after global pooling) become ``GroupNorm(1, C)``.
     """
     options = ConversionOptions.build(
         gn=gn,
@@ -110,10 +115,12 @@ def convert_model(
     steps = plan(_check_model(model), options)  # raises on unconvertible modules before anything is copied
     example = resolve_example_inputs(model, example_inputs, input_shape)
     probe = probe_unnormalized(model, example) if skip_unnormalized else None
+    sizes = pooled_norm_sizes(model, example, options.gn)
     if inplace:
-        return apply(model, skip_unnormalized_steps(steps, probe, options), options)
+        return apply(model, one_group_for_pooled_norms(skip_unnormalized_steps(steps, probe, options), sizes), options)
     target = _copy(model)
-    return apply(target, skip_unnormalized_steps(plan(target, options), probe, options), options)
+    steps = one_group_for_pooled_norms(skip_unnormalized_steps(plan(target, options), probe, options), sizes)
+    return apply(target, steps, options)
 
 
 def _only_standardization(module: nn.Module) -> bool:
