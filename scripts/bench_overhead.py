@@ -2,9 +2,9 @@
 
 Every variant starts from the same randomly initialised torchvision ResNet (weights=None) and keeps its
 BatchNorm layers (wsconvert runs with gn=None), so the only difference between variants is the conv weight
-path. All variants live in ONE process and are timed in interleaved rounds (A B C D E, A B C D E, ...), so
-slow drifts of the machine (other load, clock changes) hit every variant alike; the per-round ratio to plain
-convs is the number to read.
+path. All variants live in ONE process and are timed in interleaved rounds (A B C D E, B C D E A, ...: the order
+rotates so that no variant always runs first or after the same neighbour), so slow drifts of the machine
+(other load, clock changes) hit every variant alike; the per-round ratio to plain convs is the number to read.
 
 Variants
   plain          torchvision's convs, untouched
@@ -384,7 +384,8 @@ def run_config(config: Config, args: argparse.Namespace, log: Callable[[str], No
             train[name].peak_bytes = peak_train_memory(runners[name], x, y, device)
     for round_index in range(args.rounds):
         times = {
-            name: _timed(lambda r=runners[name]: r.train_step(x, y), device, args.steps) for name in TRAIN_VARIANTS
+            name: _timed(lambda r=runners[name]: r.train_step(x, y), device, args.steps)
+            for name in _rotated(TRAIN_VARIANTS, round_index)
         }
         for name in TRAIN_VARIANTS:
             train[name].add(times)
@@ -403,7 +404,10 @@ def run_config(config: Config, args: argparse.Namespace, log: Callable[[str], No
     log(f"  {config.name}: baked outputs bitwise equal to the parametrized model in eval: {bitwise}")
     evals = {name: Series(config.name, "eval", name) for name in EVAL_VARIANTS}
     for round_index in range(args.rounds):
-        times = {name: _timed(lambda r=runners[name]: r.eval_step(x), device, args.steps) for name in EVAL_VARIANTS}
+        times = {
+            name: _timed(lambda r=runners[name]: r.eval_step(x), device, args.steps)
+            for name in _rotated(EVAL_VARIANTS, round_index)
+        }
         for name in EVAL_VARIANTS:
             evals[name].add(times)
         log(f"  {config.name} eval round {round_index + 1}: " + _round_line(times))
@@ -411,6 +415,13 @@ def run_config(config: Config, args: argparse.Namespace, log: Callable[[str], No
     for series in results:
         series.bitwise_baked = bitwise  # type: ignore[attr-defined]
     return results
+
+
+def _rotated(names: tuple[str, ...], round_index: int) -> tuple[str, ...]:
+    """A B C D E, then B C D E A, ...: every variant runs at every position equally often (running right
+    after a given variant, or first in a round, measurably changes the time on a CPU)."""
+    k = round_index % len(names)
+    return names[k:] + names[:k]
 
 
 def _round_line(times: dict[str, tuple[float, float]]) -> str:
