@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import checkpoint as ckpt
 from .arch import Architecture, arch_from_checkpoint, resolve_arch
@@ -174,11 +175,13 @@ def rewrite_state_dict(
     bake: bool = False,
     where: str = "the state dict",
     arch: str = "the architecture",
+    release: Callable[[], object] | None = None,
 ) -> tuple[OrderedDict, ConversionReport, EntryResult]:
     """Rewrite one model state dict for ``convert_model(arch(), **options)`` (baked with ``bake=True``).
 
     ``skeleton`` is a fresh, unconverted instance of the architecture (meta device preferred); it is
     consumed. Keys outside the model's prefix (e.g. AveragedModel's ``n_averaged``) are kept as they are.
+    ``release`` (drop the memory-mapped input's resident pages) is called while baking.
     Raises CheckpointError naming the first missing, unexpected and size-mismatched keys.
     """
     expected = skeleton.state_dict()
@@ -201,7 +204,7 @@ def rewrite_state_dict(
     report = plan_conversion(skeleton, **options)
     model = convert_model(skeleton, **options, inplace=True)
     if bake:
-        model = bake_model(model, inplace=True)
+        model = _bake(model, release)
     converted = model.state_dict()
     unset = [k for k, v in converted.items() if v.is_meta]
     if unset:
@@ -216,6 +219,27 @@ def rewrite_state_dict(
         getattr(state_dict, "_metadata", None), getattr(converted, "_metadata", None), prefix
     )
     return out, report, EntryResult(None, prefix, len(converted), kept)
+
+
+def _bake(model: nn.Module, release: Callable[[], object] | None) -> nn.Module:
+    """``bake(model, inplace=True)``, one conv at a time, releasing the input's read pages as it goes.
+
+    Baking reads every conv weight of the mapped file and allocates its standardized copy; without the
+    release the read pages would stay resident too (two file sizes instead of one).
+    """
+    if release is None:
+        return bake_model(model, inplace=True)
+    pending = 0
+    for module in list(model.modules()):
+        if parametrize.is_parametrized(module, "weight"):
+            pending += module.parametrizations.weight.original.nbytes
+            bake_model(module, inplace=True)
+            if pending >= ckpt.RELEASE_EVERY_BYTES:
+                release()
+                pending = 0
+    model = bake_model(model, inplace=True)
+    release()
+    return model
 
 
 def _meta_skeleton(module: nn.Module) -> nn.Module:
@@ -360,6 +384,7 @@ def convert_checkpoint(
             )
     info["dropped"] = [k for k, _ in dropped]
 
+    release = (lambda: ckpt.release_mapped_pages(source)) if loaded.mmap and loaded.format == "torch" else None
     results: list[EntryResult] = []
     rewritten: dict[str | None, OrderedDict] = {}
     report: ConversionReport | None = None
@@ -367,7 +392,13 @@ def convert_checkpoint(
         state_dict = loaded.obj if key is None else loaded.obj[key]
         where = f"{source}" if key is None else f"{source} entry {key!r}"
         out, entry_report, result = rewrite_state_dict(
-            state_dict, architecture.build_skeleton(), options, bake=bake, where=where, arch=architecture.describe()
+            state_dict,
+            architecture.build_skeleton(),
+            options,
+            bake=bake,
+            where=where,
+            arch=architecture.describe(),
+            release=release,
         )
         out._metadata[ckpt.METADATA_INFO_KEY] = info  # type: ignore[attr-defined]
         result.key = key
