@@ -273,6 +273,19 @@ def _restore(snapshot: list[tuple[nn.Module, dict[str, Any]]]) -> None:
             current.update(saved)
 
 
+def _zero_constant_pad(module: nn.Module) -> bool:
+    return isinstance(module, (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)) and module.value == 0
+
+
+def _scale_preserving_call(name: str, args: tuple, kwargs: dict) -> bool:
+    """False for the one listed op whose arguments can break homogeneity: padding with a nonzero constant."""
+    if name != "pad":
+        return True
+    mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
+    value = kwargs.get("value", args[3] if len(args) > 3 else None)
+    return mode != "constant" or not value
+
+
 def _fx_probe(model: nn.Module, findings: _Findings, norms: tuple[type, ...]) -> None:
     snapshot = _snapshot(model)
     try:
@@ -287,13 +300,13 @@ def _fx_probe(model: nn.Module, findings: _Findings, norms: tuple[type, ...]) ->
             module = model.get_submodule(node.target)
             if isinstance(module, norms):
                 return "norm", ""
-            if isinstance(module, _SCALE_PRESERVING_MODULES):
+            if isinstance(module, _SCALE_PRESERVING_MODULES) or _zero_constant_pad(module):
                 return "pass", ""
             return "consumer", type(module).__name__ if not isinstance(module, _ConvNd) else _conv_name(module)
         name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
         if name in NORM_FUNCTIONS:
             return "norm", ""
-        if name in SCALE_PRESERVING_OPS:
+        if name in SCALE_PRESERVING_OPS and _scale_preserving_call(name, node.args, node.kwargs):
             return "pass", ""
         if name in _METADATA_OPS:
             return "ignore", ""
@@ -385,7 +398,7 @@ class _FlowMode(TorchFunctionMode):
         name = getattr(func, "__name__", str(func))
         if name in NORM_FUNCTIONS:
             flow.findings.normed |= sources
-        elif name in SCALE_PRESERVING_OPS:
+        elif name in SCALE_PRESERVING_OPS and _scale_preserving_call(name, args, kwargs):
             flow.tag(result, sources)
         elif name not in _METADATA_OPS and _holds_tensor(result):
             flow.findings.consume(sources, name)
