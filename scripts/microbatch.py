@@ -315,7 +315,7 @@ def plot(results: dict, path: Path) -> None:
 
     config, runs = results["config"], results["runs"]
     batch_sizes = config["batch_sizes"]
-    figure, axes = plt.subplots(2, len(batch_sizes), figsize=(5 * len(batch_sizes), 7), squeeze=False)
+    figure, axes = plt.subplots(2, len(batch_sizes), figsize=(max(6.5, 5 * len(batch_sizes)), 7.5), squeeze=False)
     epochs = range(1, config["epochs"] + 1)
     for column, batch_size in enumerate(batch_sizes):
         for row, key in enumerate(("train_loss", "test_loss")):
@@ -332,7 +332,10 @@ def plot(results: dict, path: Path) -> None:
             axis.set_title(f"batch size {batch_size}")
             axis.grid(True, alpha=0.3)
             axis.legend()
-    figure.suptitle(f"digits, SmallResNet(width={config['width']}), {config['seeds']} seed(s), mean and min-max")
+    figure.suptitle(
+        f"digits, SmallResNet(width={config['width']}), {config['seeds']} seed(s)\n"
+        "line: mean, band: min..max over seeds"
+    )
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
