@@ -9,7 +9,8 @@ pass, ``plan_conversion(gn=32, example_inputs=...)``, ``convert_model(gn=32)``, 
   more than one WeightStandardization);
 - every conv and every BatchNorm-family layer appears in the report (converted or skipped with a reason),
   and the number of WS-parametrized convs equals the report's count;
-- a forward and backward pass in training mode gives finite outputs and finite gradients.
+- a forward and backward pass in training mode gives finite outputs and finite gradients;
+- where torch.fx traces the model, the forward-hook probe finds the same unnormalized convs.
 
 Models too large for a CPU test run (``HUGE``) are built on the meta device: every check runs there
 (including the forward/backward pass, which checks shapes and activation calls) except finiteness.
@@ -49,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import wsconvert  # noqa: E402
 from wsconvert import WeightStandardization, convert_model, plan_conversion  # noqa: E402
-from wsconvert.probe import norm_types  # noqa: E402
+from wsconvert.probe import norm_types, probe_unnormalized  # noqa: E402
 
 GN = 32
 
@@ -410,6 +411,7 @@ class Result:
     norms_skipped: int = 0
     norms_kept: int = 0  # GroupNorm/LayerNorm/... left as they are by design
     group_fallbacks: int = 0
+    pooled_norms: int = 0  # norm layers on one value per channel, given GroupNorm(1, C)
     unnormalized: int | None = None
     detection: str = ""
     activations: int = 0
@@ -446,6 +448,13 @@ def _check(entry: Entry, result: Result) -> None:
     result.activations = acts_before
 
     report = plan_conversion(model, gn=GN, example_inputs=inputs)
+    if report.unnormalized_detection.startswith("torch.fx") and not entry.meta:
+        # the two probe methods must agree where both work
+        by_hooks = probe_unnormalized(model, inputs, method="hooks")
+        by_fx = {u.path for u in report.unnormalized}
+        if by_hooks.method != "hooks" or set(by_hooks.unnormalized) != by_fx:
+            differ = sorted(set(by_hooks.unnormalized) ^ by_fx)[:3] if by_hooks.available else by_hooks.detail
+            result.problems.append(f"fx and hook probes disagree on unnormalized convs: {differ}")
     converted = convert_model(model, gn=GN, inplace=True, example_inputs=inputs)
     del model
 
@@ -468,6 +477,7 @@ def _check(entry: Entry, result: Result) -> None:
         reason = s.reason.split(" (")[0].split(";")[0]
         result.skip_reasons[reason] = result.skip_reasons.get(reason, 0) + 1
     result.group_fallbacks = len(report.group_fallbacks)
+    result.pooled_norms = sum("has one value per channel" in note for note in report.notes)
     result.detection = report.unnormalized_detection
     result.unnormalized = len(report.unnormalized) if not result.detection.startswith("unavailable") else None
 
@@ -535,6 +545,19 @@ def run_entry(entry: Entry) -> Result:
 # Why a model fails, for failures that are not wsconvert bugs (filled in from sweep runs).
 KNOWN_CAUSES: dict[str, str] = {}
 
+# Problems the sweep found and how they were fixed (regression tests named).
+FIXED = [
+    "timm resnest14d, rexnet_100, skresnet18 failed in training (`Expected more than 1 value per channel`): "
+    "a BatchNorm after global pooling became GroupNorm(C, C) on one value per channel, which ignores its input. "
+    "Fix: `wsconvert/pooled.py` measures each norm layer's values per channel on the example input and uses one "
+    "group there (tests/test_pooled.py).",
+    "timm resnetv2_50x1_bit: the fx probe treated `ConstantPad2d(value=0)` as a consumer while the hook probe "
+    "passed `F.pad` through, so they disagreed on `stem.conv`. Fix: zero constant padding passes the scale in "
+    "both, nonzero padding in neither (tests/test_probe.py::test_chains).",
+    "torchvision inception_v3 failed at 96x96: its auxiliary head (run in training mode) needs 299x299; the "
+    "sweep now uses 299 (a sweep input problem, not a wsconvert bug).",
+]
+
 
 def _unnormalized_cell(r: Result) -> str:
     if r.unnormalized is None:
@@ -552,9 +575,11 @@ def markdown(results: list[Result], seconds: float, threads: int) -> str:
         "the table lives in the script). Every model is built with random weights (nothing downloaded),",
         f"converted with `convert_model(model, gn={GN})` and checked: no BatchNorm/FrozenBatchNorm2d left, every",
         "activation still applied (forward-hook call counts equal before and after), nothing standardized twice,",
-        "every conv and BatchNorm-family layer accounted for in the report, and a training-mode forward and",
-        "backward pass with finite outputs and gradients. The slow test `tests/test_zoo.py` (`pytest -m slow`)",
-        "runs the same checks.",
+        "every conv and BatchNorm-family layer accounted for in the report, a training-mode forward and",
+        "backward pass with finite outputs and gradients, and, where torch.fx traces the model, the",
+        "forward-hook probe finding the same unnormalized convs as fx. The slow test `tests/test_zoo.py`",
+        "(`pytest -m slow`) runs the same checks. The sample input is passed to `plan_conversion` and",
+        "`convert_model` (`example_inputs=`), which also sizes GroupNorm groups for pooled features.",
         "",
         f"Environment: torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
         f"wsconvert {wsconvert.__version__}, Python {platform.python_version()}, {threads} CPU thread(s).",
@@ -585,6 +610,19 @@ def markdown(results: list[Result], seconds: float, threads: int) -> str:
             reasons[reason] = reasons.get(reason, 0) + count
     lines += ["", "## Skip reasons (all models)", "", "| reason | count |", "|---|---:|"]
     lines += [f"| {reason} | {count} |" for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1])]
+    pooled = [r for r in results if r.pooled_norms]
+    lines += [
+        "",
+        "## Norm layers on pooled features",
+        "",
+        "These models have BatchNorm layers that see one value per channel (after global pooling). With the",
+        "sample input, wsconvert gives them `GroupNorm(1, C)`; without an input they would get the requested",
+        "groups, which on one value per channel return the bias whatever the input (and raise in training",
+        "with a batch of one). Convert them with `example_inputs=` / `input_shape=` (CLI `--input-shape`).",
+        "",
+    ]
+    lines += [f"- {r.id}: {r.pooled_norms} layer(s)" for r in pooled] or ["None."]
+    lines += ["", "## Fixed during the sweep", ""] + [f"- {item}" for item in FIXED]
     failures = [r for r in results if not r.ok]
     lines += ["", "## Failures", ""]
     if not failures:
