@@ -470,3 +470,20 @@ def test_pages_released_while_writing_give_the_same_output(
     fresh.load_state_dict(torch.load(tmp_path / "out.pt", weights_only=True), strict=True)
     x = _tiny_input()
     torch.testing.assert_close(fresh.eval()(x), expected.eval()(x), rtol=0, atol=0)
+
+
+def test_unknown_entries_are_rewritten_only_when_they_match_the_architecture(tmp_path: Path) -> None:
+    from wsconvert.rewrite import convert_checkpoint
+
+    model = _resnet()
+    checkpoint = {
+        "teacher": model.state_dict(),  # not a known key, but a state dict of the architecture
+        "class_weights": {"weight": torch.ones(10)},  # a tensor dict that is not the model
+        "epoch": 1,
+    }
+    torch.save(checkpoint, tmp_path / "c.pt")
+    result = convert_checkpoint(tmp_path / "c.pt", options={"gn": 8}, arch="torchvision:resnet18",
+                                arch_kwargs={"num_classes": 10}, dry_run=True)  # fmt: skip
+    assert [e.key for e in result.entries] == ["teacher"]
+    assert result.kept == ["class_weights", "epoch"] and not result.written
+    assert not (tmp_path / "c.ws.pt").exists()

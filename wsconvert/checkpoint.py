@@ -194,7 +194,8 @@ def _torch_load(path: Path, fmt: str, trust_pickle: bool) -> tuple[Any, bool]:
     if mmap:
         try:
             allowed = _allowed_names()
-            unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if g not in allowed]
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+            unsafe = sorted({g for g in found if g not in allowed})  # sorted: the same message every run
         except Exception as error:  # reading the pickle's opcodes only: any failure means a broken file
             raise CheckpointError(f"cannot read {path}: {_first_line(error)} (truncated or corrupt?)") from None
         if unsafe and not trust_pickle:
