@@ -176,6 +176,13 @@ def _safetensors(tmp: Path) -> Layout:
                   lambda out: [out])  # fmt: skip
 
 
+def _legacy(tmp: Path) -> Layout:
+    model = resnet()
+    torch.save(model.state_dict(), tmp / "legacy.pth", _use_new_zipfile_serialization=False)  # pre-1.6 format
+    return Layout(tmp / "legacy.pth", RESNET_ARGS, model, lambda: torchvision.models.resnet18(num_classes=10),
+                  lambda out: [out])  # fmt: skip
+
+
 LAYOUTS: dict[str, Callable[[Path], Layout]] = {
     "raw": lambda tmp: _raw(tmp, ""),
     "ddp": lambda tmp: _raw(tmp, "module."),
@@ -185,6 +192,7 @@ LAYOUTS: dict[str, Callable[[Path], Layout]] = {
     "torchvision references": _torchvision_references,
     "lightning": _lightning,
     "safetensors": _safetensors,
+    "legacy torch.save format": _legacy,
 }
 
 
@@ -639,3 +647,21 @@ def test_progress_on_stderr_only_for_a_terminal(tmp_path: Path, monkeypatch: pyt
         assert text in shown.stderr
     assert_same_as_python(layout, read_output(tmp_path / "b.pt"), {})
     assert json.loads(run(layout.path, *layout.args, "--json", "--dry-run").stdout)["written"] is False
+
+
+@pytest.mark.parametrize("gn", [8, None])
+def test_detection_checkpoint_with_frozen_batchnorm_keys(tmp_path: Path, gn: int | None) -> None:
+    """Detection models trained from a pretrained backbone use FrozenBatchNorm2d: no num_batches_tracked keys."""
+    build = lambda: torchvision.models.get_model("fasterrcnn_mobilenet_v3_large_fpn", num_classes=3,  # noqa: E731
+                                                 weights_backbone=None)  # fmt: skip
+    state_dict = {k: v for k, v in build().state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save({"model": state_dict, "epoch": 1}, tmp_path / "det.pth")
+    flags = ["--gn", gn] if gn else []
+    arch = ["--arch", "torchvision:fasterrcnn_mobilenet_v3_large_fpn", "--arch-kwargs", '{"num_classes": 3}']
+    assert_ok(run(tmp_path / "det.pth", *arch, *flags))
+    out = read_output(tmp_path / "det.ws.pth")["model"]
+    options = {"gn": gn} if gn else {}
+    wsconvert.convert_model(build(), **options).load_state_dict(out, strict=True)
+    assert torch.equal(
+        out["backbone.body.0.0.parametrizations.weight.original"], state_dict["backbone.body.0.0.weight"]
+    )
