@@ -591,6 +591,11 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     if args.kernels:
         text = "\n".join(kernel_benchmark(CONFIGS[key], args.rounds) for key in args.configs.split(","))
+        info = machine_info(args, load_before)
+        text = (
+            f"Command: `{info['command']}`; torch {info['torch']}, {info['cpu_count']} CPUs; 1-min load average "
+            f"{info['loadavg_1min_before']:.2f} before, {info['loadavg_1min_after']:.2f} after.\n\n{text}"
+        )
         print(text)
         if args.markdown:
             with open(args.markdown, "w") as handle:
