@@ -6,6 +6,8 @@ bit-identical models and batches without shipping them between processes.
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -27,24 +29,36 @@ def resnet18_gn() -> nn.Module:
     return wsconvert.convert_model(torchvision.models.resnet18(weights=None, num_classes=10), gn=32)
 
 
+class WideCNN(nn.Module):
+    """Few ops (cheap to compile) but ~2.7 MB of weights, so DDP with bucket_cap_mb=1 makes several buckets.
+
+    A user-defined forward on purpose: inside ``torch.compile(DDP(model))`` dynamo graph-breaks at DDP's
+    ``_inside_ddp_forward`` and compiles the wrapped model's forward as a frame of its own, which it does not do
+    for a bare ``nn.Sequential`` (torch.nn's own files are not traced as top-level frames).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 64, 3, padding=1, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.Conv2d(64, 256, 3, padding=1, bias=False),
+            nn.BatchNorm2d(256),
+            nn.ReLU(),
+            nn.Conv2d(256, 256, 3, padding=1, bias=False),
+            nn.BatchNorm2d(256),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).mean((2, 3)))
+
+
 def wide_cnn() -> nn.Module:
-    """Few ops (cheap to compile) but ~2.7 MB of weights, so DDP with bucket_cap_mb=1 makes several buckets."""
     torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 64, 3, padding=1, bias=False),
-        nn.BatchNorm2d(64),
-        nn.ReLU(),
-        nn.Conv2d(64, 256, 3, padding=1, bias=False),
-        nn.BatchNorm2d(256),
-        nn.ReLU(),
-        nn.Conv2d(256, 256, 3, padding=1, bias=False),
-        nn.BatchNorm2d(256),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(256, 10),
-    )
-    return wsconvert.convert_model(net, gn=32)
+    return wsconvert.convert_model(WideCNN(), gn=32)
 
 
 def batches(count: int, world_size: int, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -125,7 +139,9 @@ def fsdp2_train(rank: int, world_size: int, workdir: Path) -> dict[str, Any]:
     return {"losses": torch.stack(losses), "evals": evals, "state_dict": full if rank == 0 else None}
 
 
-def ddp_compile(rank: int, world_size: int, workdir: Path, backend: str = "aot_eager") -> dict[str, Any]:
+def ddp_compile(
+    rank: int, world_size: int, workdir: Path, backend: str = "aot_eager", optimize_ddp: bool = True
+) -> dict[str, Any]:
     """Point 3b: torch.compile(DDP(converted model)) with several buckets, i.e. DDPOptimizer graph splitting
     (the setup of pytorch#113415); two SGD steps, the second under error_on_recompile.
 
@@ -134,6 +150,8 @@ def ddp_compile(rank: int, world_size: int, workdir: Path, backend: str = "aot_e
     """
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    # a compile cache of its own: a warm cache shared with other runs could skip the counting backend below
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(workdir / f"compile-cache-{backend}-{optimize_ddp}-rank{rank}")
     torch._dynamo.reset()
     compile_graph = torch._dynamo.lookup_backend(backend)
     graphs: list[int] = []
@@ -142,6 +160,17 @@ def ddp_compile(rank: int, world_size: int, workdir: Path, backend: str = "aot_e
         graphs.append(len(gm.graph.nodes))
         return compile_graph(gm, example_inputs)
 
+    buckets: list[int] = []
+
+    class BucketLog(logging.Handler):  # DDPOptimizer logs how many buckets it split the graph into
+        def emit(self, record: logging.LogRecord) -> None:
+            if "DDPOptimizer used bucket cap" in str(record.msg):
+                buckets.append(int(record.args[1]))
+
+    logger = logging.getLogger("torch._dynamo.backends.distributed")
+    handler, level = BucketLog(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     model = wide_cnn()
     ddp = DDP(model, bucket_cap_mb=1)
     compiled = torch.compile(ddp, backend=counting_backend)
@@ -149,9 +178,70 @@ def ddp_compile(rank: int, world_size: int, workdir: Path, backend: str = "aot_e
     grads = []
     for step, (x, y) in enumerate(batches(2, world_size, 8)):
         optimizer.zero_grad()
-        with torch._dynamo.config.patch(error_on_recompile=step > 0):
+        with torch._dynamo.config.patch(error_on_recompile=step > 0, optimize_ddp=optimize_ddp):
             loss = nn.functional.cross_entropy(compiled(shard(x, rank)), shard(y, rank))
         loss.backward()
         grads.append(_grads(model))
         optimizer.step()
-    return {"grads": grads, "graphs": len(graphs), "optimize_ddp": torch._dynamo.config.optimize_ddp}
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+    return {"grads": grads, "graphs": len(graphs), "buckets": buckets, "optimize_ddp": optimize_ddp}
+
+
+def tiny_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+    return wsconvert.convert_model(net, gn=4)
+
+
+def fsdp2_eval_cache(rank: int, world_size: int, workdir: Path) -> dict[str, Any]:
+    """The sequence that served stale W_hat before wsconvert.fsdp: under no_grad, eval, update the sharded
+    parameters in place (as an EMA or a hand-written update does), eval again; compared with a fresh eval after
+    clear_cache()."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = tiny_cnn()
+    for module in model:
+        if isinstance(module, nn.Conv2d):
+            fully_shard(module)
+    fully_shard(model)
+    model.eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(rank))
+    stale = []
+    with torch.no_grad():
+        for _ in range(6):
+            model(x)
+            for param in model.parameters():
+                param.add_(param.square())  # not a scale or a shift per filter: W_hat changes
+            served = model(x)
+            for module in model.modules():
+                if isinstance(module, wsconvert.WeightStandardization):
+                    module.clear_cache()
+            stale.append((served - model(x)).abs().max())
+    caches = [m._cached for m in model.modules() if isinstance(m, wsconvert.WeightStandardization)]
+    return {"stale": torch.stack(stale), "cache_bypassed": all(c is None for c in caches)}
+
+
+def wrapped_then_converted(rank: int, world_size: int, workdir: Path) -> dict[str, Any]:
+    """The ordering rule: converting a DDP-wrapped or fully_shard-ed model is refused with the way out."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    messages = {}
+    for name, wrap in (("ddp", DDP), ("fsdp2", fully_shard)):
+        net = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8))
+        try:
+            wsconvert.convert_model(wrap(net), gn=4)
+        except wsconvert.InvalidOptionError as error:
+            messages[name] = str(error)
+    return {"messages": messages}

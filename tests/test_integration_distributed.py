@@ -43,7 +43,14 @@ WORLD = 2
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
     return run_jobs(
-        {"ddp": jobs.ddp_one_step, "fsdp2": jobs.fsdp2_train, "ddp_compile": jobs.ddp_compile},
+        {
+            "ddp": jobs.ddp_one_step,
+            "fsdp2": jobs.fsdp2_train,
+            "fsdp2_cache": jobs.fsdp2_eval_cache,
+            "ddp_compile": jobs.ddp_compile,
+            "ddp_compile_unsplit": functools.partial(jobs.ddp_compile, optimize_ddp=False),
+            "ordering": jobs.wrapped_then_converted,
+        },
         tmp_path_factory.mktemp("dist"),
         world_size=WORLD,
     )
@@ -110,9 +117,11 @@ def test_fsdp2_trains_like_single_process_and_its_state_dict_loads(results) -> N
         torch.testing.assert_close(fresh.eval()(x), reference.eval()(x), atol=1e-5, rtol=1e-4)
 
 
-def _check_compiled_ddp(rank0: dict[str, Any], rank1: dict[str, Any]) -> None:
-    assert rank0["optimize_ddp"], "the default DDPOptimizer path (graph split per bucket) is what is tested"
-    assert rank0["graphs"] > 1, "DDPOptimizer should have split the graph at bucket boundaries"
+def _check_compiled_ddp(rank0: dict[str, Any], rank1: dict[str, Any], split: bool = True) -> None:
+    if split:
+        assert rank0["optimize_ddp"], "the default DDPOptimizer path (graph split per bucket) is what is tested"
+        assert rank0["buckets"] and max(rank0["buckets"]) >= 2, f"DDPOptimizer made buckets {rank0['buckets']}"
+        assert rank0["graphs"] >= 2, "DDPOptimizer should have compiled one graph per bucket"
     model = jobs.wide_cnn()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for step, (x, y) in enumerate(jobs.batches(2, WORLD, 8)):
@@ -136,3 +145,25 @@ def test_compile_of_ddp_with_inductor_matches_eager(tmp_path: Path) -> None:
     _check_compiled_ddp(
         *ok(run_jobs({"ddp_compile_inductor": job}, tmp_path, world_size=WORLD)["ddp_compile_inductor"])
     )
+
+
+def test_compile_of_ddp_without_graph_splitting_matches_eager(results) -> None:
+    """The documented fallback for PyTorch versions hit by #113415: torch._dynamo.config.optimize_ddp = False."""
+    rank0, rank1 = ok(results["ddp_compile_unsplit"])
+    assert not rank0["optimize_ddp"] and rank0["graphs"] == 1 and rank0["buckets"] == []
+    _check_compiled_ddp(rank0, rank1, split=False)
+
+
+def test_fsdp2_eval_cache_never_serves_stale_weights(results) -> None:
+    for rank, result in enumerate(ok(results["fsdp2_cache"])):
+        assert result["cache_bypassed"], f"rank {rank}: the WS eval cache is in use under FSDP2"
+        assert torch.count_nonzero(result["stale"]) == 0, f"rank {rank}: stale outputs {result['stale']}"
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_converting_a_wrapped_model_is_refused(results, wrapper: str) -> None:
+    messages = [r["messages"] for r in ok(results["ordering"])]
+    for message in messages:
+        assert "convert the bare model first, then wrap it" in message[wrapper]
+    assert "DistributedDataParallel" in messages[0]["ddp"] and "(.module)" in messages[0]["ddp"]
+    assert "FSDP2 fully_shard" in messages[0]["fsdp2"]

@@ -11,6 +11,7 @@ from torch.nn.utils import parametrize
 
 from . import compat
 from .errors import InvalidOptionError, WSConvertError
+from .integrations import check_unwrapped
 from .options import ConversionOptions
 from .pooled import one_group_for_pooled_norms, pooled_norm_sizes
 from .probe import add_probe_to_report, probe_unnormalized, resolve_example_inputs, skip_unnormalized_steps
@@ -24,6 +25,7 @@ __all__ = ["plan_conversion", "convert_model", "bake"]
 def _check_model(model: object) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise InvalidOptionError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    check_unwrapped(model)  # convert first, then wrap (DDP, FSDP, torch.compile, Opacus)
     return model
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import InvalidOptionError, UnsupportedModuleError
+from .fsdp import fsdp2_in_use
 
 __all__ = ["STYLES", "WeightStandardization", "standardize_weight", "validate_eps", "validate_style"]
 
@@ -234,5 +235,11 @@ class WeightStandardization(nn.Module):
 
 
 def _must_recompute(weight: Tensor) -> bool:
-    """True when the result must be built fresh: gradients flow to W, or a compiler/tracer is recording."""
-    return (weight.requires_grad and torch.is_grad_enabled()) or torch.jit.is_tracing() or torch.compiler.is_compiling()
+    """True when the result must be built fresh: gradients flow to W, a compiler/tracer is recording, or FSDP2
+    is in use (its all-gathers rewrite W without a version bump; see wsconvert.fsdp)."""
+    return (
+        (weight.requires_grad and torch.is_grad_enabled())
+        or torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+        or fsdp2_in_use()
+    )
