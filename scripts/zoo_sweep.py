@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import fnmatch
 import gc
+import os
 import platform
 import sys
 import time
@@ -566,7 +567,7 @@ def _unnormalized_cell(r: Result) -> str:
     return f"{r.unnormalized} ({method})"
 
 
-def markdown(results: list[Result], seconds: float, threads: int) -> str:
+def markdown(results: list[Result], seconds: float, threads: int, load: tuple[float, float] | None = None) -> str:
     ok = sum(r.ok for r in results)
     lines = [
         "# Model-zoo sweep",
@@ -584,7 +585,13 @@ def markdown(results: list[Result], seconds: float, threads: int) -> str:
         f"Environment: torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
         f"wsconvert {wsconvert.__version__}, Python {platform.python_version()}, {threads} CPU thread(s).",
         "",
-        f"**{ok} of {len(results)} models pass**; the sweep took {seconds / 60:.1f} min.",
+        f"**{ok} of {len(results)} models pass**; the sweep took {seconds / 60:.1f} min"
+        + (
+            f" on a {os.cpu_count()}-core machine shared with other jobs (1-minute load average {load[0]:.1f} at "
+            f"the start, {load[1]:.1f} at the end)."
+            if load
+            else "."
+        ),
         "",
         "Columns: *convs* = distinct conv modules; *WS* = convs given Weight Standardization; *conv skip* =",
         "convs skipped (reasons below); *norms* = BatchNorm-family layers replaced by GroupNorm(Act);",
@@ -665,6 +672,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(e.id for e in entries))
         return 0
     start = time.perf_counter()
+    load_start = os.getloadavg()[0]
     results = []
     for entry in entries:
         results.append(run_entry(entry))
@@ -673,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{sum(r.ok for r in results)}/{len(results)} ok in {seconds:.0f}s", flush=True)
     if args.write:
         args.write.parent.mkdir(parents=True, exist_ok=True)
-        args.write.write_text(markdown(results, seconds, args.threads))
+        args.write.write_text(markdown(results, seconds, args.threads, (load_start, os.getloadavg()[0])))
     return 0 if all(r.ok for r in results) else 1
 
 
