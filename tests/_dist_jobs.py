@@ -6,8 +6,11 @@ bit-identical models and batches without shipping them between processes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -245,3 +248,50 @@ def wrapped_then_converted(rank: int, world_size: int, workdir: Path) -> dict[st
         except wsconvert.InvalidOptionError as error:
             messages[name] = str(error)
     return {"messages": messages}
+
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "integrations.md"
+DISTRIBUTED_RECIPES = ("ddp", "fsdp2", "compile_ddp")  # run in the process group of test_integration_distributed
+_RECIPE = re.compile(r"<!-- recipe: (\w+) -->\n```python\n(.*?)```", re.S)
+
+
+def doc_recipes() -> dict[str, str]:
+    """The python blocks of docs/integrations.md marked ``<!-- recipe: NAME -->``, by name."""
+    return dict(_RECIPE.findall(DOC.read_text(encoding="utf-8")))
+
+
+@contextlib.contextmanager
+def quick_compile() -> Iterator[None]:
+    """Run recipes' ``torch.compile(model)`` with the aot_eager backend: inductor's C++ code generation for a
+    whole resnet18 takes minutes on a small CPU, and test_integration_compile.py covers inductor itself."""
+    original = torch.compile
+
+    def compile_aot_eager(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("backend", "aot_eager")
+        return original(*args, **kwargs)
+
+    torch.compile = compile_aot_eager
+    try:
+        yield
+    finally:
+        torch.compile = original
+
+
+def run_recipe(name: str) -> dict[str, Any]:
+    """Execute one recipe of docs/integrations.md in a fresh namespace; return that namespace."""
+    namespace: dict[str, Any] = {"__name__": f"recipe_{name}"}
+    with quick_compile():
+        exec(compile(doc_recipes()[name], f"docs/integrations.md:{name}", "exec"), namespace)
+    return namespace
+
+
+def doc_recipe(rank: int, world_size: int, workdir: Path, name: str) -> dict[str, Any]:
+    """A distributed recipe of docs/integrations.md, in this already initialized process group (as torchrun)."""
+    torch._dynamo.reset()
+    namespace = run_recipe(name)
+    params = [p.to_local() if hasattr(p, "to_local") else p for p in namespace["model"].parameters()]
+    return {
+        "finite": all(bool(torch.isfinite(p).all()) for p in params),
+        "grads": sum(p.grad is not None for p in namespace["model"].parameters()),
+        "single_loaded": "single" in namespace,
+    }

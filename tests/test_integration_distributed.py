@@ -38,6 +38,7 @@ def _one_thread():
 
 
 WORLD = 2
+DOC_RECIPES = jobs.DISTRIBUTED_RECIPES
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str
             "ddp_compile": jobs.ddp_compile,
             "ddp_compile_unsplit": functools.partial(jobs.ddp_compile, optimize_ddp=False),
             "ordering": jobs.wrapped_then_converted,
+            **{f"doc_{name}": functools.partial(jobs.doc_recipe, name=name) for name in DOC_RECIPES},
         },
         tmp_path_factory.mktemp("dist"),
         world_size=WORLD,
@@ -167,3 +169,12 @@ def test_converting_a_wrapped_model_is_refused(results, wrapper: str) -> None:
         assert "convert the bare model first, then wrap it" in message[wrapper]
     assert "DistributedDataParallel" in messages[0]["ddp"] and "(.module)" in messages[0]["ddp"]
     assert "FSDP2 fully_shard" in messages[0]["fsdp2"]
+
+
+@pytest.mark.parametrize("name", DOC_RECIPES)
+def test_distributed_recipe_of_the_docs_runs(results, name: str) -> None:
+    rank0, rank1 = ok(results[f"doc_{name}"])
+    for rank_result in (rank0, rank1):
+        assert rank_result["finite"] and rank_result["grads"] > 0
+    if name == "fsdp2":  # rank 0 loads the full state dict into a fresh converted model
+        assert rank0["single_loaded"] and not rank1["single_loaded"]
