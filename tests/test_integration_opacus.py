@@ -80,12 +80,13 @@ def _per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> li
     return [torch.stack(column) for column in zip(*rows, strict=True)]
 
 
+@pytest.mark.parametrize("force_functorch", [False, True], ids=["hooks-mode", "functorch-mode"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
-def test_per_sample_gradients_are_exact(bias: bool) -> None:
+def test_per_sample_gradients_are_exact(bias: bool, force_functorch: bool) -> None:
     enable_opacus()
     model = wsconvert.convert_model(tiny_cnn(bias), gn=4)
     expected = _per_example_grads(copy.deepcopy(model), x := torch.randn(3, 3, 8, 8), y := torch.tensor([1, 2, 3]))
-    gsm = GradSampleModule(model, loss_reduction="sum")
+    gsm = GradSampleModule(model, loss_reduction="sum", force_functorch=force_functorch)
     nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
     names = [name for name, _ in model.named_parameters()]
     assert "0.parametrizations.weight.original" in names
