@@ -8,6 +8,7 @@ backward passes, and check that without it Opacus indeed fails the way the docst
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import torchvision
 from torch import nn
 
 import wsconvert
+from wsconvert.errors import WSConvertError
 from wsconvert.integrations import enable_opacus, has_standardization
 
 opacus = pytest.importorskip("opacus", reason="opacus is a test extra: pip install -e '.[test]'")
@@ -164,3 +166,17 @@ def test_without_enable_opacus_bias_free_convs_fail_as_documented(monkeypatch: p
     assert hooked == ["ParametrizationList", "GroupNorm", "ParametrizationList", "GroupNorm", "Linear"]
     with pytest.raises(IndexError):
         model(torch.randn(2, 3, 8, 8)).sum().backward()
+
+
+def test_enable_opacus_without_opacus_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "opacus.grad_sample", None)  # makes the import fail
+    with pytest.raises(WSConvertError, match=r"pip install opacus"):
+        enable_opacus()
+
+
+def test_enable_opacus_on_an_opacus_without_the_extension_points_fails_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from opacus.grad_sample import grad_sample_module as gsm
+
+    monkeypatch.delattr(gsm, "requires_grad")
+    with pytest.raises(WSConvertError, match=r"Opacus 1\.5-1\.6"):
+        enable_opacus()
