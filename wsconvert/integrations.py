@@ -5,7 +5,8 @@ provided the model is converted *before* it is wrapped: a wrapper captures the m
 when it wraps (DDP's gradient buckets, FSDP2's DTensor shards, compiled graphs, Opacus's layer hooks), so
 ``check_unwrapped`` makes convert_model / plan_conversion / bake refuse a wrapped model with the way out.
 
-Opacus does not, for a reason in its module walk (opacus/grad_sample/grad_sample_module.py, 1.5-1.6):
+Opacus does not take a converted model as it is, for a reason in its module walk (opacus 1.5-1.6,
+opacus/grad_sample/grad_sample_module.py):
 ``GradSampleHooks.iterate_submodules`` hooks every module that *directly* owns a trainable parameter, and
 ``capture_activations_hook`` records a module's inputs only if it directly owns one. A standardized conv
 without a bias owns none: its weight lives at ``parametrizations.weight.original``, inside parametrize's
