@@ -12,7 +12,7 @@ import torch
 from torch.testing import assert_close
 
 from wsconvert import WeightStandardization, standardize_weight
-from wsconvert.standardize import _standard_direct
+from wsconvert.standardize import _standard_compiled, _standard_direct
 
 
 def reference(w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -133,3 +133,47 @@ def test_parametrization_training_path_has_one_autograd_node_for_contiguous_weig
     assert out.grad_fn is not None and "LayerNorm" in type(out.grad_fn).__name__
     assert out.grad_fn.next_functions[0][0] is not None
     assert type(out.grad_fn.next_functions[0][0]).__name__ == "AccumulateGrad"
+
+
+# ---- the formula traced under torch.compile (var_mean + rsqrt, fused by inductor) ----
+
+
+@pytest.mark.parametrize(("make", "shape", "fast"), list(LAYOUTS.values()), ids=list(LAYOUTS))
+def test_compiled_formula_matches_the_reference_in_value_and_gradient(make, shape, fast):
+    w = make(shape).requires_grad_(True)
+    grad_out = torch.randn(shape)
+    got = _standard_compiled(w, 1e-5)
+    assert_close(got.double(), reference(w.detach(), 1e-5), rtol=1e-5, atol=1e-5)
+    (grad,) = torch.autograd.grad((got * grad_out).sum(), w)
+    w_ref = w.detach().double().requires_grad_(True)
+    (expected,) = torch.autograd.grad((reference(w_ref, 1e-5) * grad_out.double()).sum(), w_ref)
+    assert_close(grad.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_formula_gradcheck_zero_variance_and_low_precision():
+    w = torch.randn(3, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: _standard_compiled(t, 1e-5), (w,))
+    flat = torch.randn(4, 3, 3, 3)
+    with torch.no_grad():
+        flat[2] = -0.5
+    flat.requires_grad_(True)
+    out = _standard_compiled(flat, 1e-5)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(flat.grad).all()
+    small = (torch.randn(8, 4, 3, 3) * 1e-3).to(torch.float16)
+    half = _standard_compiled(small, 1e-8)
+    assert half.dtype == torch.float16 and torch.isfinite(half).all()
+    assert_close(half.double(), reference(small.float(), 1e-8), rtol=1e-2, atol=1e-2)
+
+
+def test_standardize_weight_uses_the_compiled_formula_while_compiling(monkeypatch):
+    w = torch.randn(8, 4, 3, 3, requires_grad=True)
+    eager = standardize_weight(w, 1e-5)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced = standardize_weight(w, 1e-5)
+    assert "LayerNorm" not in type(traced.grad_fn).__name__  # the var_mean formula, not layer_norm
+    assert_close(traced, eager, rtol=1e-5, atol=1e-5)
+    # transposed weights and the "paper" style keep their own paths
+    paper = standardize_weight(w, 1e-5, "paper")
+    monkeypatch.undo()
+    assert_close(paper, standardize_weight(w, 1e-5, "paper"), rtol=0, atol=0)

@@ -125,6 +125,18 @@ def _standard_direct(weight: Tensor, eps: float) -> Tensor | None:
     return None
 
 
+def _standard_compiled(weight: Tensor, eps: float) -> Tensor:
+    """The "standard" style as traced under torch.compile: ``(W - mean) * rsqrt(var_biased + eps)``.
+
+    Same formula as ``_standard_direct``, written as var_mean + elementwise ops that inductor fuses with its
+    own generated kernels, forward and backward; a traced ``layer_norm`` compiled to a slower training step
+    (ResNet-18, batch 16, 64x64, CPU: 1.21x plain vs 1.13x, docs/benchmarks.md). Works for any layout.
+    """
+    w = weight.float() if weight.dtype in _LOW_PRECISION else weight
+    var, mean = torch.var_mean(w, dim=tuple(range(1, w.dim())), keepdim=True, correction=0)
+    return ((w - mean) * torch.rsqrt(var + eps)).to(weight.dtype)
+
+
 def standardize_weight(
     weight: Tensor,
     eps: float = 1e-5,
@@ -135,6 +147,8 @@ def standardize_weight(
 ) -> Tensor:
     """Return the weight-standardized copy of a conv weight, per output channel (arXiv:1903.10520 eq. 5)."""
     if style == "standard" and not transposed:
+        if torch.compiler.is_compiling():
+            return _standard_compiled(weight, eps)
         out = _standard_direct(weight, eps)
         if out is not None:
             return out
