@@ -130,7 +130,7 @@ def _standard_compiled(weight: Tensor, eps: float) -> Tensor:
 
     Same formula as ``_standard_direct``, written as var_mean + elementwise ops that inductor fuses with its
     own generated kernels, forward and backward; a traced ``layer_norm`` compiled to a slower training step
-    (ResNet-18, batch 16, 64x64, CPU: 1.21x plain vs 1.13x, docs/benchmarks.md). Works for any layout.
+    (ResNet-18, batch 16, 64x64, CPU: 1.21x plain vs 1.14x, docs/benchmarks.md). Works for any layout.
     """
     w = weight.float() if weight.dtype in _LOW_PRECISION else weight
     var, mean = torch.var_mean(w, dim=tuple(range(1, w.dim())), keepdim=True, correction=0)
