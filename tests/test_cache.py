@@ -200,6 +200,26 @@ def test_data_edits_hide_the_version_bump_and_clear_cache_recovers():
     assert_close(cached_weight(conv), fresh(conv), rtol=0, atol=0)
 
 
+def test_eval_after_training_with_data_edits_sees_fresh_weights():
+    """A legacy loop updates W through ``.data`` in train mode; ``model.eval()`` then clears the cache."""
+    model = nn.Sequential(ws_conv(), nn.ReLU())
+    model.eval()
+    cached_weight(model[0])
+    model.train()
+    original(model[0]).data.add_(0.5 * torch.randn_like(original(model[0])))  # no version bump
+    model.eval()
+    assert_close(cached_weight(model[0]), fresh(model[0]), rtol=0, atol=0)
+
+
+def test_train_and_eval_calls_clear_the_cache():
+    conv = ws_conv()
+    for switch in (conv.eval, conv.train):
+        cached_weight(conv)
+        assert parametrization(conv)._cached is not None
+        switch()
+        assert parametrization(conv)._cached is None
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_dtype_moves_invalidate_the_cache(dtype):
     conv = ws_conv()

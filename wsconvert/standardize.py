@@ -168,9 +168,12 @@ class WeightStandardization(nn.Module):
     frozen W), W_hat is cached and reused until W changes. The cache key is W's storage address,
     version counter (bumped by optimizer steps, ``load_state_dict`` and any in-place edit), dtype,
     device, shape and strides; ``.to()`` / ``.half()`` / ``.cuda()`` clear it, and so does every
-    forward that records gradients. Edits through ``W.data`` (``p.data.mul_(...)``, ``p.data.copy_(...)``)
-    get a fresh version counter from PyTorch and are NOT seen: code that rewrites W that way should call
-    ``clear_cache()`` (or use ``torch.no_grad()`` and edit ``p`` itself); ``cache=False`` turns caching off.
+    forward that records gradients, and every ``train()`` / ``eval()`` call. Edits through ``W.data``
+    (``p.data.mul_(...)``, legacy optimizers) get a fresh version counter from PyTorch and are not seen by
+    the key; the usual loop (train, then ``model.eval()``, then evaluate) still evaluates fresh weights
+    because ``eval()`` clears the cache. Code that rewrites W through ``.data`` while staying in eval mode
+    should call ``clear_cache()`` (or edit ``p`` itself under ``torch.no_grad()``); ``cache=False`` turns
+    caching off.
     """
 
     def __init__(
@@ -232,6 +235,11 @@ class WeightStandardization(nn.Module):
             "scriptable); call wsconvert.bake(model) first and script the baked model, which computes the same "
             "outputs with plain conv weights (for inference and export, not further WS training)"
         )
+
+    def train(self, mode: bool = True) -> WeightStandardization:
+        # A train()/eval() switch starts a new phase: W may have been rewritten in ways the key cannot see.
+        self._cached = None
+        return super().train(mode)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's own signature
         self._cached = None
