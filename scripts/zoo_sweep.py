@@ -626,6 +626,9 @@ def markdown(results: list[Result], seconds: float, threads: int, load: tuple[fl
         "sample input, wsconvert gives them `GroupNorm(1, C)`; without an input they would get the requested",
         "groups, which on one value per channel return the bias whatever the input (and raise in training",
         "with a batch of one). Convert them with `example_inputs=` / `input_shape=` (CLI `--input-shape`).",
+        "Not all of these follow global pooling: the sweep's small inputs shrink late feature maps to 1x1",
+        "(timm inception_v3/v4 at 96x96), and LeViT's BatchNorm1d runs on flattened tokens (N*T, C), where",
+        "one group is a LayerNorm over each token. Convert with the input size the model runs at.",
         "",
     ]
     lines += [f"- {r.id}: {r.pooled_norms} layer(s)" for r in pooled] or ["None."]

@@ -13,7 +13,9 @@ Whether a layer sees pooled features depends on the input, so this needs a sampl
 ``example_inputs`` / ``input_shape``, ``convert_model`` and ``plan_conversion`` run one forward pass
 (eval mode, no grad, training flags restored), record every norm layer's values per channel, and give
 the layers that see one value per channel ``GroupNorm(1, C)`` with a note. Without an input the
-requested groups are used.
+requested groups are used. Use the input size the model runs at: an input so small that late feature
+maps shrink to 1x1 gives those layers one group too. BatchNorm1d on flattened tokens (N*T, C), as in
+LeViT, also sees one value per channel; one group there is a LayerNorm over each token's channels.
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ def one_group_for_pooled_norms(steps: list, sizes: dict[str, int]) -> list:
         if decision.action == "replace" and decision.groups not in (None, 1) and sizes.get(path) == 1:
             per_group = decision.channels // decision.groups
             note = (
-                f"{path or '<model>'}: its input has one value per channel (after global pooling), so "
+                f"{path or '<model>'}: its input has one value per channel on the example input (e.g. after "
+                "global pooling), so "
                 f"GroupNorm({decision.groups}, {decision.channels}) would normalize {per_group} value(s) per group; "
                 "one group (a LayerNorm over the channels) is used instead"
             )
