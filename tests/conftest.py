@@ -42,3 +42,13 @@ def count_activation_calls(model: nn.Module, *inputs: object) -> int:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> object:
+    """One intra-op thread for a test module: on a small, shared CPU more threads than free cores make every op
+    far slower (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

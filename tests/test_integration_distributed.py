@@ -25,16 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # spawned workers import the job
 import _dist_jobs as jobs  # noqa: E402
 from _dist_utils import ok, run_jobs  # noqa: E402
 
-pytestmark = pytest.mark.distributed
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a small, shared CPU more threads than free cores make every op far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("one_thread")]
 
 
 WORLD = 2

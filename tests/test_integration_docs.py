@@ -21,18 +21,12 @@ import _dist_jobs as jobs  # noqa: E402
 
 SINGLE = ("compile", "amp", "channels_last", "opacus", "export")
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::torch.jit.TracerWarning"
-)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a small, shared CPU more threads than free cores make every op far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.filterwarnings(
+        "ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::torch.jit.TracerWarning"
+    ),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def test_every_recipe_is_run_by_a_test() -> None:

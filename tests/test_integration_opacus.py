@@ -23,16 +23,10 @@ opacus = pytest.importorskip("opacus", reason="opacus is a test extra: pip insta
 from opacus import GradSampleModule, PrivacyEngine  # noqa: E402
 from opacus.validators import ModuleValidator  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a small, shared CPU more threads than free cores make every op far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def tiny_cnn(bias: bool) -> nn.Module:
