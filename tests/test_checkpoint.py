@@ -141,7 +141,8 @@ def test_whole_module_needs_trust_and_loads_with_it(tmp_path: Path) -> None:
 
 
 def test_allowlisted_namespace_and_numpy_scalar_load_weights_only(tmp_path: Path) -> None:
-    np = pytest.importorskip("numpy")
+    import numpy as np
+
     obj = {"state_dict": tiny_net().state_dict(), "args": argparse.Namespace(model="x"), "metric": np.float64(0.5)}
     torch.save(obj, tmp_path / "c.pt")
     loaded = ckpt.load_checkpoint(tmp_path / "c.pt")

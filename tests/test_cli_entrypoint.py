@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import torchvision
 
@@ -19,7 +18,6 @@ def _run(*args: object, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.skipif(not SCRIPT.exists(), reason="wsconvert is not installed in this environment (pip install -e .)")
 def test_installed_entry_point_converts_and_fails_cleanly(tmp_path: Path) -> None:
     model = torchvision.models.resnet18(num_classes=10)
     torch.save(model.state_dict(), tmp_path / "model.pt")

@@ -8,6 +8,8 @@ with an error that says to bake first.
 
 from __future__ import annotations
 
+import onnxruntime as ort
+import onnxscript  # noqa: F401 - the dynamo ONNX exporter needs it (test extra)
 import pytest
 import torch
 import torchvision
@@ -15,9 +17,6 @@ from torch import nn
 
 import wsconvert
 from wsconvert.errors import UnsupportedModuleError
-
-ort = pytest.importorskip("onnxruntime", reason="onnxruntime is a test extra: pip install -e '.[test]'")
-pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript (a test extra)")
 
 pytestmark = [
     pytest.mark.filterwarnings(

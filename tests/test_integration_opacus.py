@@ -13,15 +13,13 @@ import sys
 import pytest
 import torch
 import torchvision
+from opacus import GradSampleModule, PrivacyEngine
+from opacus.validators import ModuleValidator
 from torch import nn
 
 import wsconvert
 from wsconvert.errors import WSConvertError
 from wsconvert.integrations import enable_opacus, has_standardization
-
-opacus = pytest.importorskip("opacus", reason="opacus is a test extra: pip install -e '.[test]'")
-from opacus import GradSampleModule, PrivacyEngine  # noqa: E402
-from opacus.validators import ModuleValidator  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning"),

@@ -15,9 +15,6 @@ from torch import nn
 
 import wsconvert
 
-pytest.importorskip("sklearn", reason="the reproduction trains on scikit-learn's digits (dev extra)")
-pytest.importorskip("matplotlib", reason="the reproduction plots with matplotlib (dev extra)")
-
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "microbatch.py"
 
 
