@@ -14,10 +14,16 @@ from .errors import InvalidOptionError, WSConvertError
 from .integrations import check_unwrapped
 from .options import ConversionOptions
 from .pooled import one_group_for_pooled_norms, pooled_norm_sizes
-from .probe import add_probe_to_report, probe_unnormalized, resolve_example_inputs, skip_unnormalized_steps
+from .probe import (
+    ProbeResult,
+    add_probe_to_report,
+    probe_unnormalized,
+    resolve_example_inputs,
+    skip_unnormalized_steps,
+)
 from .report import ConversionReport
 from .standardize import WeightStandardization
-from .walk import apply, build_report, plan
+from .walk import Step, apply, build_report, plan
 
 __all__ = ["plan_conversion", "convert_model", "bake"]
 
@@ -75,8 +81,7 @@ def plan_conversion(
     model = _check_model(model)
     example = resolve_example_inputs(model, example_inputs, input_shape)
     probe = probe_unnormalized(model, example)
-    steps = skip_unnormalized_steps(plan(model, options), probe, options)
-    steps = one_group_for_pooled_norms(steps, pooled_norm_sizes(model, example, options.gn))
+    steps = _planned(model, options, example, probe)
     return add_probe_to_report(build_report(steps, options), steps, probe, options)
 
 
@@ -114,15 +119,18 @@ def convert_model(
         skip_depthwise=skip_depthwise,
         skip_unnormalized=skip_unnormalized,
     )
-    steps = plan(_check_model(model), options)  # raises on unconvertible modules before anything is copied
+    plan(_check_model(model), options)  # raises on unconvertible modules before anything is copied
     example = resolve_example_inputs(model, example_inputs, input_shape)
     probe = probe_unnormalized(model, example) if skip_unnormalized else None
-    sizes = pooled_norm_sizes(model, example, options.gn)
-    if inplace:
-        return apply(model, one_group_for_pooled_norms(skip_unnormalized_steps(steps, probe, options), sizes), options)
-    target = _copy(model)
-    steps = one_group_for_pooled_norms(skip_unnormalized_steps(plan(target, options), probe, options), sizes)
-    return apply(target, steps, options)
+    target = model if inplace else _copy(model)
+    return apply(target, _planned(target, options, example, probe), options)
+
+
+def _planned(model: nn.Module, options: ConversionOptions, example: object, probe: ProbeResult | None) -> list[Step]:
+    """The plan for ``model``, adjusted by the probes: unnormalized convs skipped (with skip_unnormalized),
+    norm layers that see one value per channel given one group (with an example input)."""
+    steps = skip_unnormalized_steps(plan(model, options), probe, options)
+    return one_group_for_pooled_norms(steps, pooled_norm_sizes(model, example, options.gn))
 
 
 def _only_standardization(module: nn.Module) -> bool:
