@@ -2,41 +2,31 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import torch
 from torch import nn
 
-ACTIVATIONS = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.SiLU,
-    nn.GELU,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.Mish,
-)
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str) -> ModuleType:
+    """Import ``scripts/<name>.py`` once (registered in sys.modules, so every test shares it)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def count_activation_calls(model: nn.Module, *inputs: object) -> int:
-    """How many times activation modules run in one forward pass (forward hooks on every activation)."""
-    calls = 0
-
-    def hook(*_: object) -> None:
-        nonlocal calls
-        calls += 1
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, ACTIVATIONS)]
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return calls
+    """How many times activation modules run in one forward pass (the zoo sweep's forward-hook counter)."""
+    return load_script("zoo_sweep").count_activation_calls(model, inputs)
 
 
 @pytest.fixture(autouse=True)

@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 from torch import nn
 
 import wsconvert
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "microbatch.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("microbatch", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["microbatch"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-mb = _load_script()
+mb = load_script("microbatch")
 
 
 @pytest.fixture(scope="module")

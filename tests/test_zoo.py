@@ -6,32 +6,19 @@ which show that each check of the sweep can fail.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import load_script
 from torch import nn
 from torchvision import models as tvm
 
-_PATH = Path(__file__).resolve().parents[1] / "scripts" / "zoo_sweep.py"
-_SPEC = importlib.util.spec_from_file_location("zoo_sweep", _PATH)
-zoo = importlib.util.module_from_spec(_SPEC)
-sys.modules["zoo_sweep"] = zoo
-_SPEC.loader.exec_module(zoo)
+zoo = load_script("zoo_sweep")
 
 ENTRIES = zoo.all_entries()
 
 
-@pytest.fixture(scope="module")
-def one_thread() -> object:
-    """The sweep runs single-threaded: its inputs are tiny, and on this project's shared 2-core machine it
-    took 13.7 min with torch's default 2 threads against 6.0 min with one (both measured under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The sweep runs single-threaded (conftest.one_thread): its inputs are tiny, and on this project's shared
+# 2-core machine it took 13.7 min with torch's default 2 threads against 6.0 min with one (both under load).
 
 
 @pytest.mark.slow
