@@ -12,11 +12,14 @@ from torch.nn.utils import parametrize
 from torch.testing import assert_close
 
 from wsconvert import WeightStandardization, bake, convert_model, standardize_weight
+from wsconvert import cached_weight as short_read
 
 
 def ws_conv(**kwargs: object) -> nn.Conv2d:
+    """A standardized conv set up as convert_model sets it up, short read path included."""
     conv = nn.Conv2d(4, 6, 3, padding=1)
     parametrize.register_parametrization(conv, "weight", WeightStandardization(**kwargs))
+    short_read.install(conv)
     return conv
 
 

@@ -21,7 +21,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
-from . import compat
+from . import cached_weight, compat
 from .errors import UnsupportedModuleError
 from .options import ConversionOptions
 from .standardize import WeightStandardization
@@ -152,6 +152,7 @@ def _standardize_conv(conv: nn.Module, decision: Decision, options: ConversionOp
     ws = WeightStandardization.for_conv(conv, options.eps, options.style)
     # unsafe=True skips parametrize's trial evaluation: WS never changes shape or dtype.
     parametrize.register_parametrization(conv, "weight", ws, unsafe=True)
+    cached_weight.install(conv)
     compat.accept_plain_weight(conv)
     return conv
 

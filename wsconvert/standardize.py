@@ -205,21 +205,23 @@ class WeightStandardization(nn.Module):
             if self._cached is not None:
                 self._cached = None
             return standardize_weight(weight, self.eps, self.style, transposed=self.transposed, groups=self.groups)
-        key = (
-            weight.data_ptr(),
-            weight._version,
-            weight.dtype,
-            weight.device,
-            weight.shape,
-            weight.stride(),
-            torch.is_inference_mode_enabled(),  # inference tensors must not leak out of inference mode
-        )
+        key = _cache_key(weight)
         if self._cached is not None and self._cached[0] == key:
             return self._cached[2]
         result = standardize_weight(weight, self.eps, self.style, transposed=self.transposed, groups=self.groups)
         # Holding an alias of W keeps its storage alive, so its address cannot be reused by another tensor.
         self._cached = (key, weight.detach(), result)
         return result
+
+    def cached_result(self, weight: Tensor) -> Tensor | None:
+        """The cached W_hat if ``forward(weight)`` would return it right now without computing, else None.
+
+        Read-only: it never fills, clears or computes anything (wsconvert.cached_weight's fast read path).
+        """
+        cached = self._cached
+        if cached is None or not self.cache or _must_recompute(weight) or cached[0] != _cache_key(weight):
+            return None
+        return cached[2]
 
     def clear_cache(self) -> None:
         self._cached = None
@@ -254,6 +256,21 @@ class WeightStandardization(nn.Module):
     def extra_repr(self) -> str:
         layout = f", transposed=True, groups={self.groups}" if self.transposed else ""
         return f"eps={self.eps}, style={self.style!r}{layout}"
+
+
+def _cache_key(weight: Tensor) -> tuple:
+    """What identifies W's current value: storage address, version counter (bumped by optimizer steps,
+    ``load_state_dict`` and in-place edits), dtype, device, shape, strides, and inference mode (inference
+    tensors must not leak out of inference mode)."""
+    return (
+        weight.data_ptr(),
+        weight._version,
+        weight.dtype,
+        weight.device,
+        weight.shape,
+        weight.stride(),
+        torch.is_inference_mode_enabled(),
+    )
 
 
 def _must_recompute(weight: Tensor) -> bool:
