@@ -9,7 +9,11 @@ rotates so that no variant always runs first or after the same neighbour), so sl
 Variants
   plain          torchvision's convs, untouched
   wsconvert      wsconvert.convert_model(model, gn=None): a WeightStandardization parametrization per conv
+  wsconvert-recompute  (train only) the same, plus wsconvert.recompute_in_backward(model): W_hat recomputed
+                 in backward instead of saved (less memory, one more W_hat per conv per step)
   wsconvert-baked  (eval only) wsconvert.bake() of the trained wsconvert model: plain convs again
+  plain-copy     (eval only) a deepcopy of the trained plain model: the same convs with freshly allocated
+                 weights, a control showing how much memory placement alone moves a CPU eval forward
   timm           every nn.Conv2d swapped for timm.layers.StdConv2d (the F.batch_norm trick), same eps
   var_mean       a parametrization computing torch.var_mean per filter, as MosaicML Composer's
                  apply_weight_standardization does (reimplemented here)
@@ -51,12 +55,12 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 import wsconvert
-from wsconvert import WeightStandardization, bake, convert_model, standardize_weight
+from wsconvert import WeightStandardization, bake, convert_model, recompute_in_backward, standardize_weight
 from wsconvert.standardize import _filters_as_rows, _standard
 
 EPS = 1e-5
-TRAIN_VARIANTS = ("plain", "wsconvert", "timm", "var_mean", "paper")
-EVAL_VARIANTS = ("plain", "wsconvert", "wsconvert-baked", "timm", "var_mean", "paper")
+TRAIN_VARIANTS = ("plain", "wsconvert", "wsconvert-recompute", "timm", "var_mean", "paper")
+EVAL_VARIANTS = ("plain", "plain-copy", "wsconvert", "wsconvert-baked", "timm", "var_mean", "paper")
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,9 @@ class Config:
 CONFIGS = {
     "r50": Config("resnet50 b8 128x128", "resnet50", 8, 128),
     "r18": Config("resnet18 b16 64x64", "resnet18", 16, 64),
+    # Sizes that keep a GPU busy (launch overhead would dominate the CPU configs there).
+    "r50-224": Config("resnet50 b64 224x224", "resnet50", 64, 224),
+    "r18-224": Config("resnet18 b128 224x224", "resnet18", 128, 224),
 }
 
 
@@ -208,18 +215,29 @@ def _var_mean(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_variants(config: Config, device: torch.device, channels_last: bool) -> dict[str, nn.Module]:
+def _recomputing(model: nn.Module) -> nn.Module:
+    model = convert_model(model, gn=None, eps=EPS, inplace=True)
+    recompute_in_backward(model)
+    return model
+
+
+def build_variants(
+    config: Config, device: torch.device, channels_last: bool, names: tuple[str, ...]
+) -> dict[str, nn.Module]:
     torch.manual_seed(0)
     base = getattr(torchvision.models, config.arch)(weights=None)
     makers: dict[str, Callable[[nn.Module], nn.Module]] = {
         "plain": lambda m: m,
         "wsconvert": lambda m: convert_model(m, gn=None, eps=EPS, inplace=True),
+        "wsconvert-recompute": _recomputing,
         "timm": lambda m: _swap_convs(m, _make_timm),
         "var_mean": _var_mean,
         "paper": lambda m: _swap_convs(m, _make_paper),
     }
     variants = {}
     for name, make in makers.items():
+        if name not in names:
+            continue
         model = make(copy.deepcopy(base)).to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -370,7 +388,10 @@ def run_config(config: Config, args: argparse.Namespace, log: Callable[[str], No
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         return Runner(model, fn, optimizer, autocast)
 
-    runners = {name: runner(model) for name, model in build_variants(config, device, args.channels_last).items()}
+    train_names = tuple(v for v in TRAIN_VARIANTS if v in args.variants)
+    eval_names = tuple(v for v in EVAL_VARIANTS if v in args.variants)
+    built = build_variants(config, device, args.channels_last, train_names)
+    runners = {name: runner(model) for name, model in built.items()}
     results: list[Series] = []
 
     # Training: warm-up, peak memory, then interleaved timed rounds.
@@ -378,16 +399,16 @@ def run_config(config: Config, args: argparse.Namespace, log: Callable[[str], No
         r.model.train()
         for _ in range(args.warmup):
             r.train_step(x, y)
-    train = {name: Series(config.name, "train", name) for name in TRAIN_VARIANTS}
+    train = {name: Series(config.name, "train", name) for name in train_names}
     if not args.no_memory:
-        for name in TRAIN_VARIANTS:
+        for name in train_names:
             train[name].peak_bytes = peak_train_memory(runners[name], x, y, device)
     for round_index in range(args.rounds):
         times = {
             name: _timed(lambda r=runners[name]: r.train_step(x, y), device, args.steps)
-            for name in _rotated(TRAIN_VARIANTS, round_index)
+            for name in _rotated(train_names, round_index)
         }
-        for name in TRAIN_VARIANTS:
+        for name in train_names:
             train[name].add(times)
         log(f"  {config.name} train round {round_index + 1}: " + _round_line(times))
     results.extend(train.values())
@@ -395,22 +416,23 @@ def run_config(config: Config, args: argparse.Namespace, log: Callable[[str], No
     # Eval: the trained wsconvert model, and its baked copy (checked bitwise against it).
     for r in runners.values():
         r.model.eval()
+    runners["plain-copy"] = runner(copy.deepcopy(runners["plain"].model))
     baked = bake(runners["wsconvert"].model)
     runners["wsconvert-baked"] = runner(baked)
-    for name in EVAL_VARIANTS:
+    for name in eval_names:
         for _ in range(args.warmup):
             runners[name].eval_step(x)
     # Eager modules, also under --compile: a compiled graph may compute W_hat with its own fused kernel.
     with torch.no_grad(), autocast():
         bitwise = torch.equal(runners["wsconvert"].model(x), baked(x))
     log(f"  {config.name}: baked outputs bitwise equal to the parametrized model in eval: {bitwise}")
-    evals = {name: Series(config.name, "eval", name) for name in EVAL_VARIANTS}
+    evals = {name: Series(config.name, "eval", name) for name in eval_names}
     for round_index in range(args.rounds):
         times = {
             name: _timed(lambda r=runners[name]: r.eval_step(x), device, args.steps)
-            for name in _rotated(EVAL_VARIANTS, round_index)
+            for name in _rotated(eval_names, round_index)
         }
-        for name in EVAL_VARIANTS:
+        for name in eval_names:
             evals[name].add(times)
         log(f"  {config.name} eval round {round_index + 1}: " + _round_line(times))
     results.extend(evals.values())
@@ -500,24 +522,38 @@ def targets(summaries: list[dict]) -> list[str]:
             wall, cpu = (statistics.median(v) for v in values)
             return f"{wall:.3f} [{cpu:.3f}]"
 
-        versus_timm = tuple(
-            _per_round(summaries, config, "train", "wsconvert", "timm", k) for k in ("ratios", "cpu_ratios")
-        )
+        def versus(mode: str, a: str, b: str, config: str = config) -> str:
+            return both(tuple(_per_round(summaries, config, mode, a, b, k) for k in ("ratios", "cpu_ratios")))
+
         train = get[("train", "wsconvert")]
-        lines.append(
-            f"- {config}: training step wsconvert / plain {both((train['ratios'], train['cpu_ratios']))}; "
-            f"wsconvert / timm StdConv2d (ratio of ratios, target <= 1.03) {both(versus_timm)}"
-        )
-        for variant, target in (("wsconvert", "<= 1.01"), ("wsconvert-baked", "1.00")):
-            s = get[("eval", variant)]
-            lines.append(f"- {config}: eval {variant} / plain (target {target}) {both((s['ratios'], s['cpu_ratios']))}")
-        if "peak_mib" in train:
-            ratio = train["peak_mib"] / get[("train", "plain")]["peak_mib"]
-            timm_ratio = get[("train", "timm")]["peak_mib"] / get[("train", "plain")]["peak_mib"]
-            lines.append(
-                f"- {config}: peak training memory wsconvert / plain (target <= 1.05) {ratio:.3f} "
-                f"(timm StdConv2d {timm_ratio:.3f})"
+        line = f"- {config}: training step wsconvert / plain {both((train['ratios'], train['cpu_ratios']))}"
+        if ("train", "timm") in get:
+            line += (
+                f"; wsconvert / timm StdConv2d (ratio of ratios, target <= 1.03) {versus('train', 'wsconvert', 'timm')}"
             )
+        lines.append(line)
+        if ("train", "wsconvert-recompute") in get:
+            s = get[("train", "wsconvert-recompute")]
+            lines.append(
+                f"- {config}: training step wsconvert-recompute / plain {both((s['ratios'], s['cpu_ratios']))}"
+            )
+        for variant, target in (("wsconvert", "<= 1.01"), ("wsconvert-baked", "1.00"), ("plain-copy", "control")):
+            if ("eval", variant) in get:
+                s = get[("eval", variant)]
+                lines.append(
+                    f"- {config}: eval {variant} / plain (target {target}) {both((s['ratios'], s['cpu_ratios']))}"
+                )
+        if ("eval", "wsconvert-baked") in get:
+            lines.append(
+                f"- {config}: eval wsconvert / wsconvert-baked {versus('eval', 'wsconvert', 'wsconvert-baked')}"
+            )
+        if "peak_mib" in train:
+            plain_peak = get[("train", "plain")]["peak_mib"]
+            memory = [f"wsconvert {train['peak_mib'] / plain_peak:.3f}"]
+            for variant in ("wsconvert-recompute", "timm"):
+                if ("train", variant) in get:
+                    memory.append(f"{variant} {get[('train', variant)]['peak_mib'] / plain_peak:.3f}")
+            lines.append(f"- {config}: peak training memory / plain (target <= 1.05): " + ", ".join(memory))
         lines.append(
             f"- {config}: baked model outputs bitwise equal to the parametrized model in eval: "
             f"**{train['bitwise_baked']}**"
@@ -571,6 +607,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--configs", default="r50,r18", help=f"comma-separated, from {sorted(CONFIGS)}")
+    parser.add_argument(
+        "--variants",
+        default=",".join(dict.fromkeys(TRAIN_VARIANTS + EVAL_VARIANTS)),
+        help="comma-separated subset (default all; plain and wsconvert are always run)",
+    )
     parser.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up step: to check the script")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak training memory measurement")
     parser.add_argument("--kernels", action="store_true", help="only time the WS implementations on the weights")
@@ -583,6 +624,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
     if unknown or args.rounds < 1 or args.steps < 1:
         parser.error(f"bad --configs {unknown} (choose from {sorted(CONFIGS)}) or --rounds/--steps < 1")
+    known = set(TRAIN_VARIANTS + EVAL_VARIANTS)
+    variants = {"plain", "wsconvert", *(v for v in args.variants.split(",") if v)}
+    if variants - known:
+        parser.error(f"unknown --variants {sorted(variants - known)}; choose from {sorted(known)}")
+    args.variants = tuple(variants)
     return args
 
 

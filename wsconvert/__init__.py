@@ -10,6 +10,7 @@ from .errors import (
     UnsupportedModuleError,
     WSConvertError,
 )
+from .recompute import recompute_in_backward, recomputes_in_backward
 from .report import ConversionReport
 from .rules import is_standardized
 from .standardize import WeightStandardization, standardize_weight
@@ -22,6 +23,8 @@ __all__ = [
     "plan_conversion",
     "bake",
     "load",
+    "recompute_in_backward",
+    "recomputes_in_backward",
     "is_standardized",
     "standardize_weight",
     "WeightStandardization",

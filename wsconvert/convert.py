@@ -21,6 +21,7 @@ from .probe import (
     resolve_example_inputs,
     skip_unnormalized_steps,
 )
+from .recompute import recompute_in_backward
 from .report import ConversionReport
 from .standardize import WeightStandardization
 from .walk import Step, apply, build_report, plan
@@ -158,6 +159,7 @@ def bake(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     not to keep training. With ``inplace=False`` the model is deep-copied first.
     """
     target = _check_model(model) if inplace else _copy(_check_model(model))
+    recompute_in_backward(target, enabled=False)  # its hooks only serve the parametrization removed here
     with torch.no_grad():
         for module in target.modules():
             if parametrize.is_parametrized(module, "weight") and _only_standardization(module):

@@ -158,6 +158,27 @@ def standardize_weight(
     return restore(STYLES[style](rows, eps))
 
 
+def standardize_weight_keeping_stats(
+    weight: Tensor, eps: float, style: str, *, transposed: bool = False, groups: int = 1
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """``standardize_weight``, plus each filter's (mean, 1/sqrt(var + eps)) where the fast path computes them.
+
+    The statistics come from the same ``native_layer_norm`` call that produces W_hat (contiguous float32
+    weights, "standard" style, eager), so ``(W - mean) * rstd`` rebuilds W_hat in one elementwise pass
+    (wsconvert.recompute). Elsewhere the second element is None and W_hat is rebuilt from scratch.
+    """
+    if (
+        style == "standard"
+        and not transposed
+        and weight.dtype == torch.float32
+        and weight.is_contiguous()
+        and not torch.compiler.is_compiling()
+    ):
+        out, mean, rstd = torch.native_layer_norm(weight, weight.shape[1:], None, None, eps)
+        return out, (mean.detach(), rstd.detach())
+    return standardize_weight(weight, eps, style, transposed=transposed, groups=groups), None
+
+
 class WeightStandardization(nn.Module):
     """Parametrization W -> W_hat for ``torch.nn.utils.parametrize.register_parametrization``.
 
@@ -194,6 +215,10 @@ class WeightStandardization(nn.Module):
         self.groups = groups
         self.cache = bool(cache)
         self._cached: tuple[tuple, Tensor, Tensor] | None = None
+        # Set by wsconvert.recompute around a conv forward: remember the W_hat handed to the conv and the
+        # statistics that rebuild it.
+        self._record = False
+        self._recorded: tuple[Tensor, tuple[Tensor, Tensor] | None] | None = None
 
     @classmethod
     def for_conv(cls, conv: nn.Module, eps: float = 1e-5, style: str = "standard") -> WeightStandardization:
@@ -204,6 +229,11 @@ class WeightStandardization(nn.Module):
         if not self.cache or _must_recompute(weight):
             if self._cached is not None:
                 self._cached = None
+            if self._record:
+                self._recorded = standardize_weight_keeping_stats(
+                    weight, self.eps, self.style, transposed=self.transposed, groups=self.groups
+                )
+                return self._recorded[0]
             return standardize_weight(weight, self.eps, self.style, transposed=self.transposed, groups=self.groups)
         key = _cache_key(weight)
         if self._cached is not None and self._cached[0] == key:
@@ -251,6 +281,7 @@ class WeightStandardization(nn.Module):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         state = dict(state)
         state["_cached"] = None
+        state["_record"], state["_recorded"] = False, None
         return state
 
     def extra_repr(self) -> str:
