@@ -70,3 +70,36 @@ def test_compiled_model_matches_eager_and_does_not_recompile_while_training() ->
     # the weights did train, so "no recompile" is about graphs that really saw changing parameters
     for name, value in to_compile.state_dict().items():
         assert not torch.equal(value, initial[name]), f"{name} did not train"
+
+
+def test_compiled_eval_interleaved_with_eager_and_training_does_not_recompile() -> None:
+    """The eval cache lives outside compiled graphs: eager forwards that fill it, optimizer steps that change W
+    and train/eval switches must not trigger recompiles (dynamo guards are backend-independent: aot_eager)."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = wsconvert.convert_model(small_cnn(), gn=4)
+    wsconvert.recompute_in_backward(model)  # its hooks must not add guards either
+    compiled = torch.compile(model, backend="aot_eager")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(2, 3, 16, 16), torch.randint(0, 5, (2,))
+
+    def evaluate() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        model.eval()  # clears the cache
+        with torch.no_grad():
+            # compiled with an empty cache, eager (which fills it), compiled again with a full one
+            result = compiled(x), model(x), compiled(x)
+        model.train()
+        return result
+
+    _step(compiled, optimizer, x, y)  # compiles the training graph
+    optimizer.step()
+    evaluate()  # compiles the eval graph (grad mode and training flag changed: expected)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            _step(compiled, optimizer, x, y)
+            optimizer.step()
+            before_fill, out_eager, after_fill = evaluate()
+            torch.testing.assert_close(before_fill, out_eager, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(after_fill, out_eager, atol=1e-4, rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] == graphs == 2, dict(counters["stats"])

@@ -242,3 +242,27 @@ def test_training_loop_with_optimizer_steps():
             run.append(loss.item())
         losses.append(run)
     assert losses[0] == losses[1]
+
+
+def _hooks_active_inside_conv(model: nn.Module, run: Callable[[], object]) -> list[bool]:
+    """Whether saved-tensor hooks were active while each standardized conv computed its W_hat."""
+    seen: list[bool] = []
+    probe = torch._C._autograd._top_saved_tensors_default_hooks
+    handles = [
+        m.register_forward_pre_hook(lambda *_: seen.append(probe(False) is not None))
+        for m in model.modules()
+        if isinstance(m, WeightStandardization)
+    ]
+    run()
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def test_hooks_are_only_entered_where_they_save_memory():
+    _, recomputing = _pair(lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)))
+    x = torch.randn(2, 3, 9, 9)
+    assert _hooks_active_inside_conv(recomputing, lambda: recomputing(x)) == [True, True]
+    assert _hooks_active_inside_conv(recomputing, lambda: _autocast(recomputing, x)) == [False, False]
+    with torch.no_grad():
+        assert _hooks_active_inside_conv(recomputing, lambda: recomputing(x)) == [False, False]

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 from torch.nn.utils import parametrize
 
-from .standardize import WeightStandardization
+from .standardize import WeightStandardization, _in_graph_capture
 
 __all__ = ["install"]
 
@@ -47,7 +47,7 @@ def _has_hooks(module: nn.Module) -> bool:
 
 def _cached_weight(conv: nn.Module, name: str) -> Tensor | None:
     """W_hat from the eval cache when parametrize's getter would return exactly it, else None."""
-    if parametrize._cache_enabled or any(_GLOBAL_HOOKS):
+    if _in_graph_capture() or parametrize._cache_enabled or any(_GLOBAL_HOOKS):  # capture first: nothing to guard on
         return None
     chain = conv._modules["parametrizations"]._modules[name]
     if len(chain._modules) != 1 or _has_hooks(chain):

@@ -226,6 +226,10 @@ class WeightStandardization(nn.Module):
         return cls(eps, style, transposed=bool(getattr(conv, "transposed", False)), groups=int(conv.groups))
 
     def forward(self, weight: Tensor) -> Tensor:
+        if _in_graph_capture():
+            # A compiled or traced graph computes W_hat itself. Not even reading the cache here: torch.compile
+            # would guard on it and recompile whenever eager code refills it.
+            return standardize_weight(weight, self.eps, self.style, transposed=self.transposed, groups=self.groups)
         if not self.cache or _must_recompute(weight):
             if self._cached is not None:
                 self._cached = None
@@ -248,6 +252,8 @@ class WeightStandardization(nn.Module):
 
         Read-only: it never fills, clears or computes anything (wsconvert.cached_weight's fast read path).
         """
+        if _in_graph_capture():
+            return None
         cached = self._cached
         if cached is None or not self.cache or _must_recompute(weight) or cached[0] != _cache_key(weight):
             return None
@@ -304,12 +310,12 @@ def _cache_key(weight: Tensor) -> tuple:
     )
 
 
+def _in_graph_capture() -> bool:
+    """True while torch.compile / torch.export or torch.jit.trace is recording a graph."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def _must_recompute(weight: Tensor) -> bool:
     """True when the result must be built fresh: gradients flow to W, a compiler/tracer is recording, or FSDP2
     is in use (its all-gathers rewrite W without a version bump; see wsconvert.fsdp)."""
-    return (
-        (weight.requires_grad and torch.is_grad_enabled())
-        or torch.jit.is_tracing()
-        or torch.compiler.is_compiling()
-        or fsdp2_in_use()
-    )
+    return (weight.requires_grad and torch.is_grad_enabled()) or _in_graph_capture() or fsdp2_in_use()
