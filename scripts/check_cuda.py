@@ -16,7 +16,6 @@ import sys
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch.testing import assert_close
 
 from wsconvert import WeightStandardization, bake, convert_model, recompute_in_backward
 
@@ -41,10 +40,20 @@ def main() -> int:
 
     recomputing = copy.deepcopy(model)
     recompute_in_backward(recomputing)
+    # TF32 convolutions round W_hat to 10 mantissa bits: a last-bit difference between the forward's W_hat
+    # (CUDA layer_norm kernel) and the rebuilt one ((W - mean) * rstd) can flip that rounding and grow to
+    # ~1e-3 through 50 layers. Compare in full fp32 (and deterministic cuDNN), where only rounding remains.
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
     for amp in (False, True):
+        worst = 0.0
         for expected, got in zip(grads(model, x, y, amp), grads(recomputing, x, y, amp), strict=True):
-            assert_close(got, expected, rtol=1e-4, atol=1e-5)
-        print(f"recompute_in_backward gradients match saving W_hat (amp={amp})")
+            worst = max(worst, ((got - expected).norm() / expected.norm().clamp_min(1e-30)).item())
+        limit = 1e-4  # under autocast the mode steps aside: only kernel nondeterminism is left
+        assert worst < limit, f"amp={amp}: relative gradient error {worst:.2e} >= {limit}"
+        print(f"recompute_in_backward gradients match saving W_hat (amp={amp}): worst relative error {worst:.1e}")
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.deterministic = False
 
     model.eval()
     uncached = copy.deepcopy(model)
