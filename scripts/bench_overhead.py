@@ -44,6 +44,7 @@ import platform
 import statistics
 import sys
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -320,6 +321,39 @@ def peak_train_memory(runner: Runner, x: Tensor, y: Tensor, device: torch.device
     return baseline + peak
 
 
+def weight_read_ms(
+    model: nn.Module, x: Tensor, autocast: Callable[[], contextlib.AbstractContextManager], forwards: int
+) -> float:
+    """Milliseconds per eval forward (no_grad) spent reading ``conv.weight``, timed inside the real forward.
+
+    Each Conv2d instance gets a forward that times its ``self.weight`` read, then runs the usual conv: the
+    read runs with the caches as the forward leaves them (a warm loop of reads would be several times
+    faster). For a converted model this is the whole per-forward cost of the parametrization; the rest of
+    the forward is the same convs. Host time only (on CUDA the kernels run asynchronously meanwhile).
+    """
+    spent = [0.0]
+
+    def timed_forward(conv: nn.Conv2d, input: Tensor) -> Tensor:
+        start = time.perf_counter()
+        weight = conv.weight
+        spent[0] += time.perf_counter() - start
+        return conv._conv_forward(input, weight, conv.bias)
+
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    for conv in convs:
+        conv.forward = types.MethodType(timed_forward, conv)
+    try:
+        with torch.no_grad(), autocast():
+            model(x)
+            spent[0] = 0.0
+            for _ in range(forwards):
+                model(x)
+    finally:
+        for conv in convs:
+            del conv.forward
+    return 1e3 * spent[0] / forwards
+
+
 @dataclass
 class Series:
     config: str
@@ -330,6 +364,7 @@ class Series:
     cpu_seconds: list[float] = field(default_factory=list)
     cpu_ratios: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
+    weight_read_ms: float | None = None
 
     def add(self, times: dict[str, tuple[float, float]]) -> None:
         wall, cpu = times[self.variant]
@@ -354,6 +389,8 @@ class Series:
             "ratios": self.ratios,
             "cpu_ratios": self.cpu_ratios,
         }
+        if self.weight_read_ms is not None:
+            out["weight_read_ms"] = self.weight_read_ms
         if self.peak_bytes is not None:
             out["peak_mib"] = self.peak_bytes / 2**20
         return out
@@ -435,6 +472,8 @@ def run_config(config: Config, args: argparse.Namespace, log: Callable[[str], No
         for name in eval_names:
             evals[name].add(times)
         log(f"  {config.name} eval round {round_index + 1}: " + _round_line(times))
+    for name in ("plain", "wsconvert"):
+        evals[name].weight_read_ms = weight_read_ms(runners[name].model, x, autocast, forwards=args.rounds)
     results.extend(evals.values())
     for series in results:
         series.bitwise_baked = bitwise  # type: ignore[attr-defined]
@@ -546,6 +585,14 @@ def targets(summaries: list[dict]) -> list[str]:
         if ("eval", "wsconvert-baked") in get:
             lines.append(
                 f"- {config}: eval wsconvert / wsconvert-baked {versus('eval', 'wsconvert', 'wsconvert-baked')}"
+            )
+        reads = get[("eval", "wsconvert")].get("weight_read_ms"), get[("eval", "plain")].get("weight_read_ms")
+        if None not in reads:
+            plain_ms = get[("eval", "plain")]["median_ms"]
+            lines.append(
+                f"- {config}: conv weight reads inside an eval forward: wsconvert {reads[0]:.3f} ms, plain "
+                f"{reads[1]:.3f} ms; the difference is {100 * (reads[0] - reads[1]) / plain_ms:.2f} % of the plain "
+                f"forward ({plain_ms:.1f} ms)"
             )
         if "peak_mib" in train:
             plain_peak = get[("train", "plain")]["peak_mib"]

@@ -16,6 +16,7 @@ import sys
 __all__ = ["fsdp2_in_use"]
 
 _seen = False
+_states: dict | None = None  # the plain dict inside torch's WeakKeyDictionary of composable states
 
 
 def fsdp2_in_use() -> bool:
@@ -24,14 +25,18 @@ def fsdp2_in_use() -> bool:
     FSDP2 registers an ``FSDPState`` per sharded module in ``torch.distributed._composable_state``; without
     torch.distributed imported (or with nothing sharded) this costs one dictionary lookup.
     """
-    global _seen
+    global _seen, _states
     if _seen:
         return True
-    composable = sys.modules.get("torch.distributed._composable_state")
-    mapping = getattr(composable, "_module_state_mapping", None)
-    if not mapping:
+    if _states is None:  # look the module up until torch.distributed is imported, then keep its dict
+        composable = sys.modules.get("torch.distributed._composable_state")
+        mapping = getattr(composable, "_module_state_mapping", None)
+        _states = getattr(mapping, "data", None)
+        if _states is None:
+            return False
+    if not _states:  # a dict's truth test: this runs on every cached weight read
         return False
-    for ref in list(mapping.values()):
+    for ref in list(_states.values()):
         if type(ref()).__name__ == "FSDPState":
             _seen = True
             return True

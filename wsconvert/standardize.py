@@ -187,8 +187,8 @@ class WeightStandardization(nn.Module):
 
     When W cannot receive a gradient through this call (under ``torch.no_grad`` / inference mode, or a
     frozen W), W_hat is cached and reused until W changes. The cache key is W's storage address,
-    version counter (bumped by optimizer steps, ``load_state_dict`` and any in-place edit), dtype,
-    device, shape and strides; ``.to()`` / ``.half()`` / ``.cuda()`` clear it, and so does every
+    version counter (bumped by optimizer steps, ``load_state_dict`` and any in-place edit), dtype and
+    inference mode; ``.to()`` / ``.half()`` / ``.cuda()`` clear it, and so does every
     forward that records gradients, and every ``train()`` / ``eval()`` call. Edits through ``W.data``
     (``p.data.mul_(...)``, legacy optimizers) get a fresh version counter from PyTorch and are not seen by
     the key; the usual loop (train, then ``model.eval()``, then evaluate) still evaluates fresh weights
@@ -252,10 +252,16 @@ class WeightStandardization(nn.Module):
 
         Read-only: it never fills, clears or computes anything (wsconvert.cached_weight's fast read path).
         """
-        if _in_graph_capture():
+        # The checks of forward's cached branch, inlined: this runs once per conv per eval forward.
+        if _is_compiling() or _is_tracing():  # first: dynamo must not guard on the cache
             return None
         cached = self._cached
-        if cached is None or not self.cache or _must_recompute(weight) or cached[0] != _cache_key(weight):
+        if (
+            cached is None
+            or (weight.requires_grad and _grad_enabled())
+            or fsdp2_in_use()
+            or cached[0] != _cache_key(weight)
+        ):
             return None
         return cached[2]
 
@@ -295,24 +301,26 @@ class WeightStandardization(nn.Module):
         return f"eps={self.eps}, style={self.style!r}{layout}"
 
 
+_is_compiling = torch.compiler.is_compiling  # bound once: these run on every cached weight read
+_is_tracing = torch._C._is_tracing
+_grad_enabled = torch.is_grad_enabled
+_inference_mode = torch.is_inference_mode_enabled
+
+
 def _cache_key(weight: Tensor) -> tuple:
-    """What identifies W's current value: storage address, version counter (bumped by optimizer steps,
-    ``load_state_dict`` and in-place edits), dtype, device, shape, strides, and inference mode (inference
-    tensors must not leak out of inference mode)."""
-    return (
-        weight.data_ptr(),
-        weight._version,
-        weight.dtype,
-        weight.device,
-        weight.shape,
-        weight.stride(),
-        torch.is_inference_mode_enabled(),
-    )
+    """What identifies W's current value: its address (data_ptr), version counter (bumped by optimizer steps,
+    ``load_state_dict`` and in-place edits), dtype, and whether inference mode is on (inference tensors must
+    not leak out of it). Device, shape and stride moves go through ``_apply`` (which clears the cache) or give
+    W new memory; the cache holds an alias of W, so its address cannot be reused meanwhile."""
+    return (weight.data_ptr(), weight._version, weight.dtype, _inference_mode())
 
 
 def _in_graph_capture() -> bool:
-    """True while torch.compile / torch.export or torch.jit.trace is recording a graph."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+    """True while torch.compile / torch.export or torch.jit.trace is recording a graph.
+
+    ``torch._C._is_tracing`` is what ``torch.jit.is_tracing`` returns outside TorchScript (which cannot
+    compile parametrize anyway), without its Python layer: this runs on every cached weight read."""
+    return _is_compiling() or _is_tracing()
 
 
 def _must_recompute(weight: Tensor) -> bool:
