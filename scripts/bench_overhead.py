@@ -622,7 +622,9 @@ def chart(summaries: list[dict], info: dict, path: str) -> None:
         med = [s["ratio_median"] for s in rows]
         low = [s["ratio_median"] - s["ratio_min"] for s in rows]
         high = [s["ratio_max"] - s["ratio_median"] for s in rows]
-        colours = ["#888888" if n == "plain" else "#1f77b4" if n.startswith("wsconvert") else "#ff7f0e" for n in names]
+        colours = [
+            "#888888" if n.startswith("plain") else "#1f77b4" if n.startswith("wsconvert") else "#ff7f0e" for n in names
+        ]
         ax.bar(range(len(rows)), med, yerr=[low, high], color=colours, capsize=3, label="wall time (min-max)")
         ax.plot(range(len(rows)), [s["cpu_ratio_median"] for s in rows], "k.", label="CPU time (median)")
         ax.axhline(1.0, color="black", linewidth=0.8)

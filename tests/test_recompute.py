@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 import weakref
 from collections.abc import Callable
 
@@ -266,3 +267,28 @@ def test_hooks_are_only_entered_where_they_save_memory():
     assert _hooks_active_inside_conv(recomputing, lambda: _autocast(recomputing, x)) == [False, False]
     with torch.no_grad():
         assert _hooks_active_inside_conv(recomputing, lambda: recomputing(x)) == [False, False]
+
+
+def test_concurrent_threads_get_the_sequential_gradients():
+    """Hook state is per thread; two threads training one model must add up to the same gradients."""
+    saving, recomputing = _pair(lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)))
+    inputs = [torch.randn(2, 3, 9, 9) for _ in range(2)]
+    for x in inputs:
+        saving(x).pow(2).mean().backward()
+    errors: list[BaseException] = []
+
+    def work(x: torch.Tensor) -> None:
+        try:
+            recomputing(x).pow(2).mean().backward()
+        except BaseException as error:  # noqa: BLE001 - reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(x,)) for x in inputs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for (name, expected), got in zip(saving.named_parameters(), recomputing.parameters(), strict=True):
+        assert_close(got.grad, expected.grad, msg=name)
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None

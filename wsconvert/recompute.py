@@ -120,6 +120,8 @@ class _RecomputeHooks:
             stack.append((None, None))
             return
 
+        # ws._recorded is shared by threads running the same conv: if another thread overwrote it, this conv's
+        # W_hat is simply not recognised and saved as usual (less memory saved, never a wrong tensor).
         def pack(tensor: Tensor) -> object:
             recorded = ws._recorded
             if recorded is not None and tensor is recorded[0]:
