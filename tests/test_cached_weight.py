@@ -144,6 +144,18 @@ def test_cache_disabled_means_no_short_path():
     assert read(conv) is not read(conv)
 
 
+def test_switching_the_cache_off_later_stops_serving_it():
+    """cache=False must mean recompute even when an old entry is still there (e.g. after a .data edit)."""
+    conv = converted_conv()
+    old = read(conv)
+    with torch.no_grad():
+        chain(conv).original.data.mul_(2).add_(1)  # .data edit: no version bump, the key cannot see it
+    ws(conv).cache = False
+    assert served(conv) is None
+    assert_close(read(conv), standardize_weight(chain(conv).original.detach()), rtol=0, atol=0)
+    assert not torch.equal(read(conv), old)
+
+
 def test_tracing_computes_through_parametrize():
     conv = converted_conv().eval()
     read(conv)

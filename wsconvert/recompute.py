@@ -9,9 +9,10 @@ whole memory cost of WS in fp32 training: about 1.10x plain peak memory for ResN
 ``recompute_in_backward(model)`` trades that memory for time: while a standardized conv runs its forward with
 gradients recorded, a ``torch.autograd.graph.saved_tensors_hooks`` pair is active (entered by a forward
 pre-hook, left by an always-called forward hook). Its pack hook replaces W_hat, recognised by identity, with a
-small recipe (the parameter W and its version); the unpack hook recomputes W_hat from W when the conv's
-backward needs it. Every other saved tensor passes through untouched. The recomputation runs in backward's
-grad mode, so ``create_graph=True`` (double backward) keeps the path from W_hat to W.
+small recipe (the parameter W, its version, and the per-filter mean and 1/std of the forward); the unpack hook
+rebuilds W_hat as ``(W - mean) * rstd`` in one elementwise pass when the conv's backward needs it. Every other
+saved tensor passes through untouched. In a grad-enabled backward (``create_graph=True``, double backward)
+W_hat is recomputed from W with autograd instead, so second-order terms keep the path from W_hat to W.
 
 Where the mode steps aside (W_hat is then saved as usual, results are identical):
 - under torch.compile / torch.export / jit.trace (the compiler plans its own recomputation),

@@ -258,6 +258,7 @@ class WeightStandardization(nn.Module):
         cached = self._cached
         if (
             cached is None
+            or not self.cache
             or (weight.requires_grad and _grad_enabled())
             or fsdp2_in_use()
             or cached[0] != _cache_key(weight)
