@@ -239,18 +239,17 @@ class WeightStandardization(nn.Module):
                 )
                 return self._recorded[0]
             return standardize_weight(weight, self.eps, self.style, transposed=self.transposed, groups=self.groups)
-        key = _cache_key(weight)
-        if self._cached is not None and self._cached[0] == key:
-            return self._cached[2]
+        cached = self.cached_result(weight)
+        if cached is not None:
+            return cached
         result = standardize_weight(weight, self.eps, self.style, transposed=self.transposed, groups=self.groups)
         # Holding an alias of W keeps its storage alive, so its address cannot be reused by another tensor.
-        self._cached = (key, weight.detach(), result)
+        self._cached = (_cache_key(weight), weight.detach(), result)
         return result
 
     def cached_result(self, weight: Tensor) -> Tensor | None:
-        """The cached W_hat if ``forward(weight)`` would return it right now without computing, else None.
-
-        Read-only: it never fills, clears or computes anything (wsconvert.cached_weight's fast read path).
+        """The cached W_hat if it is valid for ``weight`` right now, else None: the one cache-hit rule, used by
+        ``forward`` and by wsconvert.cached_weight's short read path. Read-only: never fills, clears or computes.
         """
         # The checks of forward's cached branch, inlined: this runs once per conv per eval forward.
         if _is_compiling() or _is_tracing():  # first: dynamo must not guard on the cache
