@@ -6,10 +6,11 @@ Formats are told apart by content, not by file name: a ``torch.save`` zip archiv
 allowlist of the few non-tensor classes that known training-checkpoint layouts store (timm train.py and
 the torchvision references keep their ``args`` as an ``argparse.Namespace``; metrics may be numpy
 scalars). A file that needs anything else is a pickle that runs code when loaded: it is only opened
-with ``trust_pickle=True`` (../shared notes, §3.12).
+with ``trust_pickle=True`` (torch.load's ``weights_only`` documentation;
+``torch.serialization.safe_globals``).
 
-Layouts (../shared notes, §3.11): a raw state dict; a training checkpoint holding model state dicts
-under keys such as ``state_dict``, ``state_dict_ema`` (timm), ``model``, ``model_ema`` (torchvision
+Layouts (timm train.py, torchvision references/classification/train.py, Lightning): a raw state
+dict; a training checkpoint holding model state dicts under keys such as ``state_dict``, ``state_dict_ema`` (timm), ``model``, ``model_ema`` (torchvision
 references, an AveragedModel with ``n_averaged`` + ``module.*`` keys), Lightning's ``state_dict`` with
 attribute prefixes; key prefixes such as ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) are found
 by matching keys against the architecture (:func:`match_prefix`).

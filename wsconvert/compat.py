@@ -1,7 +1,7 @@
 """Loading an original (unconverted) model's state dict into a converted model.
 
 parametrize moves a conv's ``weight`` to ``parametrizations.weight.original`` and GroupNorm has no running
-statistics, so a plain checkpoint no longer loads strictly (../shared notes, §3.7). Like the parametrized
+statistics, so a plain checkpoint no longer loads strictly. Like the parametrized
 ``torch.nn.utils.parametrizations.weight_norm``, converted modules carry load_state_dict pre-hooks that map
 the old keys. The hooks are module-level functions, so a baked model still pickles.
 """

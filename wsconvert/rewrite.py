@@ -1,6 +1,6 @@
 """Rewriting a saved checkpoint so that it belongs to the converted model.
 
-The data flows one way (../shared notes, §5): checkpoint -> state dict -> architecture skeleton -> plan
+The data flows one way: checkpoint -> state dict -> architecture skeleton -> plan
 -> rewritten state dict -> atomic write. A state dict is rewritten by loading it into the architecture
 built on the meta device with ``load_state_dict(assign=True)`` (the checkpoint's own memory-mapped tensors
 become the parameters, nothing is copied), converting that model in place with ``convert_model`` (conv

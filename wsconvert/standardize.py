@@ -6,7 +6,7 @@ the vector of its I = in_channels/groups * prod(kernel) elements, is replaced by
 
     W_hat[i] = (W[i] - mean(W[i])) / sigma(W[i])
 
-and the loss is optimized with respect to W. Two variants exist in public code (../shared notes, §2):
+and the loss is optimized with respect to W. Two variants exist in public code:
 
 - ``"standard"``: biased variance, eps inside the square root, ``(W - mean) / sqrt(var + eps)``. This is
   timm's StdConv2d (timm/layers/std_conv.py), BiT and Composer. Computed with a single fused
