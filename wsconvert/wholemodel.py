@@ -1,6 +1,7 @@
 """``wsconvert.load``: turn a converted whole-model file back into the ready-to-train converted model.
 
-torch cannot pickle a module that carries parametrizations ("Serialization of parametrized modules is only supported through state_dict()", torch/nn/utils/parametrize.py), so for a whole
+torch cannot pickle a module that carries parametrizations (torch/nn/utils/parametrize.py raises
+"Serialization of parametrized modules is only supported through state_dict()"), so for a whole
 pickled model ``wsconvert INPUT --trust-pickle`` writes a dict holding the original pickled module, the
 conversion options and the converted state dict (the two share their tensors, so the file is no larger
 than the input). ``load`` converts the module with the recorded options and loads the state dict
