@@ -12,8 +12,9 @@ with ``trust_pickle=True`` (torch.load's ``weights_only`` documentation;
 Layouts (timm train.py, torchvision references/classification/train.py, Lightning): a raw state
 dict; a training checkpoint holding model state dicts under keys such as ``state_dict``,
 ``state_dict_ema`` (timm), ``model``, ``model_ema`` (torchvision references, an AveragedModel with
-``n_averaged`` + ``module.*`` keys), Lightning's ``state_dict`` with attribute prefixes;
-key prefixes such as ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) are found by matching keys against the architecture (:func:`match_prefix`).
+``n_averaged`` + ``module.*`` keys), Lightning's ``state_dict`` with attribute prefixes; key prefixes
+such as ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) are found by matching keys against the
+architecture (:func:`match_prefix`).
 """
 
 from __future__ import annotations
