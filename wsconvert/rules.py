@@ -168,13 +168,26 @@ def _norm_decision(module: nn.Module, path: str, options: ConversionOptions, tar
     _require_initialized(module, path)
     if options.gn is None:
         return _skip("norm layer kept (gn not set)")
-    channels = int(module.num_features if hasattr(module, "num_features") else module.weight.shape[0])
+    affine = _affine_source(module)
+    unusable = [f"{name} ({entry.value})" for name, entry in affine.items() if entry.kind == "unregistered"]
+    if unusable:
+        return _skip(
+            f"affine {', '.join(unusable)} is neither a parameter, a buffer nor a parametrization of this module "
+            "(computed by a hook, e.g. the deprecated torch.nn.utils.weight_norm); remove that hook first"
+        )
+    channels = _channels(module, affine)
     groups = choose_groups(channels, options.gn)
     eps = float(module.eps)
-    notes: tuple[str, ...] = ()
+    where = path or "<model>"
+    notes = tuple(
+        f"{where}: the parametrization of {name} ({entry.value}) is carried over to the {target}: the same "
+        "ParametrizationList, the same original tensor"
+        for name, entry in affine.items()
+        if entry.kind == "parametrized"
+    )
     if eps <= 0:
-        notes = (
-            f"{path or '<model>'}: eps {eps} raised to {_FALLBACK_NORM_EPS} in GroupNorm (a zero eps divides "
+        notes += (
+            f"{where}: eps {eps} raised to {_FALLBACK_NORM_EPS} in GroupNorm (a zero eps divides "
             "by zero on a constant group)",
         )
         eps = _FALLBACK_NORM_EPS
@@ -198,12 +211,48 @@ def _decide_custom_batchnorm(module: nn.Module, path: str, options: ConversionOp
     )
 
 
-def _affine_source(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(weight, bias, a tensor giving device and dtype) of a BatchNorm-like module."""
-    weight = getattr(module, "weight", None)
-    bias = getattr(module, "bias", None)
-    reference = next((t for t in (weight, getattr(module, "running_mean", None)) if isinstance(t, torch.Tensor)), None)
-    return weight, bias, reference
+@dataclass(frozen=True)
+class _AffineEntry:
+    """How a BatchNorm-like module holds its affine ``weight`` or ``bias``.
+
+    ``kind`` is "absent" (None: ``BatchNorm2d`` with ``bias = None``, a weight-only affine), "parameter",
+    "buffer" (torchvision FrozenBatchNorm2d), "parametrized" (torch.nn.utils.parametrize; ``tensor`` is the
+    ParametrizationList) or "unregistered" (a plain attribute, e.g. set by a hook). ``value`` describes it.
+    """
+
+    kind: str
+    tensor: object = None
+    value: str = ""
+
+
+def _affine_entry(module: nn.Module, name: str) -> _AffineEntry:
+    if parametrize.is_parametrized(module, name):
+        chain = module.parametrizations[name]
+        return _AffineEntry("parametrized", chain, ", ".join(type(p).__name__ for p in chain))
+    for kind, tensors in (("parameter", module._parameters), ("buffer", module._buffers)):
+        if name in tensors:
+            tensor = tensors[name]
+            return _AffineEntry("absent") if tensor is None else _AffineEntry(kind, tensor)
+    value = getattr(module, name, None)
+    return _AffineEntry("absent") if value is None else _AffineEntry("unregistered", value, type(value).__name__)
+
+
+def _affine_source(module: nn.Module) -> dict[str, _AffineEntry]:
+    """The affine ``weight`` and ``bias`` of a BatchNorm-like module, as plan and apply both read them.
+
+    ``_norm_decision`` skips what ``_group_norm`` could not build, so the plan and the conversion agree.
+    """
+    return {name: _affine_entry(module, name) for name in ("weight", "bias")}
+
+
+def _channels(module: nn.Module, affine: dict[str, _AffineEntry]) -> int:
+    if hasattr(module, "num_features"):
+        return int(module.num_features)
+    for name in ("weight", "bias", "running_mean"):
+        value = getattr(module, name, None)
+        if isinstance(value, torch.Tensor):
+            return int(value.shape[0])
+    raise UnsupportedModuleError(f"{type(module).__name__}: cannot tell its number of channels")
 
 
 def _as_parameter(tensor: torch.Tensor) -> nn.Parameter:
@@ -213,14 +262,36 @@ def _as_parameter(tensor: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(tensor.detach().clone(), requires_grad=False)
 
 
+def _carry_parametrization(gn: nn.Module, name: str, chain: nn.Module) -> None:
+    """Make ``gn.<name>`` go through the very ParametrizationList ``chain`` (same modules, same ``original``).
+
+    parametrize has no public way to move a parametrization, so an identity one is registered on the
+    GroupNorm's own placeholder Parameter (no right_inverse, unsafe: nothing is evaluated), which sets up the
+    per-module class and property, then its ParametrizationList is replaced by ``chain``.
+    """
+    parametrize.register_parametrization(gn, name, nn.Identity(), unsafe=True)
+    gn.parametrizations[name] = chain
+
+
 def _group_norm(norm: nn.Module, decision: Decision, factory: type[nn.GroupNorm]) -> nn.GroupNorm:
-    weight, bias, reference = _affine_source(norm)
-    affine = weight is not None
+    affine = _affine_source(norm)
+    tensors = (getattr(norm, name, None) for name in ("weight", "bias", "running_mean"))
+    reference = next((t for t in tensors if isinstance(t, torch.Tensor)), None)  # gives device and dtype
+    has_affine = any(entry.kind != "absent" for entry in affine.values())
     kwargs = {"device": reference.device, "dtype": reference.dtype} if reference is not None else {}
-    gn = factory(decision.channels, decision.groups, eps=decision.eps, affine=affine, **kwargs)
-    if affine:
-        gn.weight = _as_parameter(weight)
-        gn.bias = _as_parameter(bias)
+    gn = factory(decision.channels, decision.groups, eps=decision.eps, affine=has_affine, **kwargs)
+    if has_affine:
+        # GroupNorm's forward passes weight and bias to F.group_norm separately, so either may be None: a
+        # weight-only BatchNorm becomes a GroupNorm without bias (the same function, the same state dict keys).
+        for name, entry in affine.items():
+            if entry.kind == "absent":
+                gn.register_parameter(name, None)
+            elif entry.kind == "parametrized":
+                _carry_parametrization(gn, name, entry.tensor)
+            elif entry.kind in ("parameter", "buffer"):
+                setattr(gn, name, _as_parameter(entry.tensor))
+            else:  # _norm_decision skips these
+                raise UnsupportedModuleError(f"{type_name(norm)}.{name} is a {entry.value}, not a tensor it owns")
     compat.ignore_running_statistics(gn)
     return gn
 
