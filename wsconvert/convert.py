@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import compat
-from .errors import InvalidOptionError, WSConvertError
+from .errors import InvalidOptionError, UnsupportedModuleError, WSConvertError
 from .integrations import check_unwrapped
 from .options import ConversionOptions
 from .pooled import one_group_for_pooled_norms, pooled_norm_sizes
@@ -32,18 +32,37 @@ __all__ = ["plan_conversion", "convert_model", "bake"]
 def _check_model(model: object) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise InvalidOptionError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    _check_eager(model)
     check_unwrapped(model)  # convert first, then wrap (DDP, FSDP, torch.compile, Opacus)
     return model
 
 
+def _check_eager(model: nn.Module) -> None:
+    """Refuse TorchScript modules: their code is compiled, parametrizations and swapped modules are ignored."""
+    for path, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            where = f"module {path!r}" if path else "the model"
+            raise UnsupportedModuleError(
+                f"{where} is a TorchScript module ({type(module).__name__}, from torch.jit.script or "
+                "torch.jit.trace): its compiled code would not see a conversion. Convert the eager model, "
+                "bake it (wsconvert.bake), then script or trace the result"
+            )
+
+
 def _copy(model: nn.Module) -> nn.Module:
+    """A deep copy whose parametrized modules own their classes (see ``_own_parametrized_class``): registering
+    WS on a conv that already carries a parametrization (on its bias, say) adds a property to that class."""
     try:
-        return copy.deepcopy(model)
+        copied = copy.deepcopy(model)
     except Exception as error:  # deepcopy runs arbitrary user __deepcopy__/__reduce__ code
         raise WSConvertError(
             f"cannot deep-copy the {type(model).__name__} to convert a copy ({type(error).__name__}: {error}); "
             "pass inplace=True to convert the model itself"
         ) from error
+    for module in copied.modules():
+        if parametrize.is_parametrized(module):
+            _own_parametrized_class(module)
+    return copied
 
 
 def plan_conversion(
@@ -143,8 +162,8 @@ def _own_parametrized_class(module: nn.Module) -> None:
     """Give ``module`` a private copy of its ``Parametrized<Cls>`` class.
 
     parametrize creates that class per module, but ``copy.deepcopy`` shares it between the original and
-    the copy, and ``remove_parametrizations`` deletes the property from the class: without this, baking
-    a copy would break the original model.
+    the copy, and ``remove_parametrizations`` deletes the property from the class (``register_parametrization``
+    adds one): without this, baking or converting a copy would break the original model.
     """
     cls = type(module)
     namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}

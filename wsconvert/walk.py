@@ -2,16 +2,19 @@
 
 Nothing here names a layer type; that knowledge is in rules.py. Planning reads the model and changes
 nothing; applying changes each planned module exactly once, even when it is reachable at several paths,
-and places a replacement at every one of them.
+and places a replacement at every one of them. Applying is all or nothing: a failure undoes what was done.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
+from torch.nn.utils import parametrize
 
+from .errors import WSConvertError
 from .options import ConversionOptions
 from .report import ConversionReport, ConvertedModule, GroupFallback, SkippedModule
 from .rules import RULES, Decision, Rule, type_name
@@ -99,22 +102,107 @@ def carry_module_state(old: nn.Module, new: nn.Module) -> None:
             setattr(new, attribute, old.__dict__[attribute])
 
 
+class _ModuleSnapshot:
+    """A module's own state before a rule changes it in place, to put back if the conversion fails.
+
+    Kept: its class, every instance attribute, the contents of its dict/set attributes (``_parameters``,
+    ``_buffers``, ``_modules``, every hook dict: the same Parameter and hook objects, in the same order), and the
+    attributes of parametrize's per-module class (registering a parametrization injects a property there).
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.cls = type(module)
+        self.attributes = dict(module.__dict__)
+        self.contents = {k: v.copy() for k, v in self.attributes.items() if isinstance(v, (dict, set))}
+        per_module_class = parametrize.is_parametrized(module)
+        self.class_attributes = dict(vars(self.cls)) if per_module_class else None
+
+    def restore(self) -> None:
+        state = self.module.__dict__
+        for key in [k for k in state if k not in self.attributes]:
+            del state[key]
+        for key, value in self.attributes.items():
+            state[key] = value
+            if key in self.contents:
+                value.clear()
+                value.update(self.contents[key])
+        if self.class_attributes is not None:
+            for name in [n for n in vars(self.cls) if n not in self.class_attributes]:
+                delattr(self.cls, name)
+            for name, value in self.class_attributes.items():
+                if vars(self.cls).get(name) is not value:
+                    setattr(self.cls, name, value)
+        self.module.__class__ = self.cls
+
+
+def _own_state(module: nn.Module) -> list[nn.Module]:
+    """``module`` and the parametrize containers that hold its state (registering a parametrization on one
+    more tensor adds to its existing ``parametrizations`` ModuleDict, and to a ParametrizationList)."""
+    if not parametrize.is_parametrized(module):
+        return [module]
+    return [module, module.parametrizations, *module.parametrizations.values()]
+
+
+def _failure(step: Step, error: Exception) -> WSConvertError:
+    path = step.site.paths[0] or "<model>"
+    message = (
+        f"converting {path} ({type_name(step.site.module)}, rule {step.rule.name!r}) failed: "
+        f"{type(error).__name__}: {error}. The model was left as it was (what was done before was undone)"
+    )
+    try:
+        return type(error)(message) if isinstance(error, WSConvertError) else WSConvertError(message)
+    except Exception:  # a subclass with another signature
+        return WSConvertError(message)
+
+
 def apply(root: nn.Module, steps: Sequence[Step], options: ConversionOptions) -> nn.Module:
-    """Carry out a plan made on ``root``; returns the new root (a replacement when the root itself was)."""
-    for step in steps:
-        if step.decision.action == "skip":
-            continue
-        old = step.site.module
-        new = step.rule.apply(old, step.decision, options)
-        if new is old:
-            continue
-        carry_module_state(old, new)
-        for parent, name in step.site.parents:
-            if parent is None:
-                root = new
-            else:
-                parent._modules[name] = new
+    """Carry out a plan made on ``root``; returns the new root (a replacement when the root itself was).
+
+    Transactional: every in-place change and every swap in a parent is recorded, and on any exception they
+    are undone in reverse order, so ``root`` is left exactly as it was (the same module objects, classes,
+    Parameter objects, hooks and state dict keys). The error is a WSConvertError naming the module.
+    """
+    undo: list[Callable[[], None]] = []
+    step: Step | None = None
+    try:
+        for step in steps:
+            if step.decision.action == "skip":
+                continue
+            old = step.site.module
+            undo.extend(_ModuleSnapshot(m).restore for m in _own_state(old))
+            new = step.rule.apply(old, step.decision, options)
+            if new is old:
+                continue
+            carry_module_state(old, new)
+            for parent, name in step.site.parents:
+                if parent is None:
+                    root = new
+                else:
+                    undo.append(functools.partial(parent._modules.__setitem__, name, parent._modules[name]))
+                    parent._modules[name] = new
+    except BaseException as error:
+        unrestored = _undo(undo)
+        if not isinstance(error, Exception) or step is None:
+            raise
+        failure = _failure(step, error)
+        if unrestored:
+            failure = WSConvertError(
+                f"{failure}; but undoing it failed too ({unrestored}): the model may be partly converted, rebuild it"
+            )
+        raise failure from error
     return root
+
+
+def _undo(actions: list[Callable[[], None]]) -> str:
+    """Run ``actions`` last first; what failed, as one line (empty when everything was put back)."""
+    failed = []
+    for action in reversed(actions):
+        try:
+            action()
+        except Exception as error:  # keep putting back the rest
+            failed.append(f"{type(error).__name__}: {error}")
+    return "; ".join(failed)
 
 
 def build_report(steps: Sequence[Step], options: ConversionOptions) -> ConversionReport:
