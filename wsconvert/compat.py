@@ -3,12 +3,16 @@
 parametrize moves a conv's ``weight`` to ``parametrizations.weight.original`` and GroupNorm has no running
 statistics, so a plain checkpoint no longer loads strictly. Like the parametrized
 ``torch.nn.utils.parametrizations.weight_norm``, converted modules carry load_state_dict pre-hooks that map
-the old keys. The hooks are module-level functions, so a baked model still pickles.
+the old keys. The hooks are module-level functions, so a baked model still pickles. The weight rename
+acts only while the conv is standardized, so it is inert after ``remove_parametrizations``.
 """
 
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.utils import parametrize
+
+from .standardize import WeightStandardization
 
 __all__ = ["accept_plain_weight", "ignore_running_statistics", "remove_plain_weight_hook"]
 
@@ -16,9 +20,16 @@ _ORIGINAL_WEIGHT = "parametrizations.weight.original"
 _RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
+def _standardized(module: nn.Module) -> bool:
+    if not parametrize.is_parametrized(module, "weight"):
+        return False
+    return any(isinstance(p, WeightStandardization) for p in module.parametrizations["weight"])
+
+
 def _rename_plain_weight(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    # Decided at load time: after torch's own remove_parametrizations the conv has a plain weight again.
     plain, original = prefix + "weight", prefix + _ORIGINAL_WEIGHT
-    if plain in state_dict and original not in state_dict:
+    if plain in state_dict and original not in state_dict and _standardized(module):
         state_dict[original] = state_dict.pop(plain)
 
 
