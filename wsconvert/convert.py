@@ -10,10 +10,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import compat
+from .calibrate import calibration_batches, eval_mode, run_model
 from .errors import InvalidOptionError, UnsupportedModuleError, WSConvertError
+from .fidelity import Fidelity
 from .integrations import check_unwrapped
 from .options import ConversionOptions
 from .pooled import one_group_for_pooled_norms, pooled_norm_sizes
+from .preserve import add_preserve_notes, finish, remove_gain_shift_hook
 from .probe import (
     ProbeResult,
     add_probe_to_report,
@@ -78,6 +81,8 @@ def plan_conversion(
     skip_unnormalized: bool = False,
     example_inputs: object = None,
     input_shape: Sequence[int] | None = None,
+    preserve: bool = False,
+    calibration_data: object = None,
 ) -> ConversionReport:
     """What ``convert_model`` with these options would do, without touching ``model``.
 
@@ -97,12 +102,18 @@ def plan_conversion(
         exclude=exclude,
         skip_depthwise=skip_depthwise,
         skip_unnormalized=skip_unnormalized,
+        preserve=preserve,
     )
     model = _check_model(model)
+    calibration_batches(calibration_data, preserve=options.preserve)  # validate before any work
     example = resolve_example_inputs(model, example_inputs, input_shape)
     probe = probe_unnormalized(model, example)
     steps = _planned(model, options, example, probe)
-    return add_probe_to_report(build_report(steps, options), steps, probe, options)
+    report = add_probe_to_report(build_report(steps, options), steps, probe, options)
+    add_preserve_notes(report, steps, options)
+    if calibration_data is not None:  # measured on a converted copy: the model stays untouched
+        report.fidelity = _convert(model, options, False, example_inputs, input_shape, calibration_data)[1]
+    return report
 
 
 def convert_model(
@@ -118,6 +129,8 @@ def convert_model(
     skip_unnormalized: bool = False,
     example_inputs: object = None,
     input_shape: Sequence[int] | None = None,
+    preserve: bool = False,
+    calibration_data: object = None,
 ) -> nn.Module:
     """Put Weight Standardization on every conv weight and, with ``gn=G``, swap BatchNorm for GroupNorm.
 
@@ -138,12 +151,49 @@ def convert_model(
         exclude=exclude,
         skip_depthwise=skip_depthwise,
         skip_unnormalized=skip_unnormalized,
+        preserve=preserve,
     )
+    return _convert(model, options, inplace, example_inputs, input_shape, calibration_data)[0]
+
+
+def convert_measured(
+    model: nn.Module,
+    *,
+    inplace: bool = False,
+    example_inputs: object = None,
+    input_shape: Sequence[int] | None = None,
+    calibration_data: object = None,
+    **options: object,
+) -> tuple[nn.Module, Fidelity | None]:
+    """``convert_model`` with the same keyword arguments, also returning ``report.fidelity``'s value: the
+    agreement measured on ``calibration_data`` (None without it). The CLI's entry point."""
+    built = ConversionOptions.build(**options)
+    return _convert(model, built, inplace, example_inputs, input_shape, calibration_data)
+
+
+def _convert(
+    model: nn.Module,
+    options: ConversionOptions,
+    inplace: bool,
+    example_inputs: object,
+    input_shape: Sequence[int] | None,
+    calibration_data: object,
+) -> tuple[nn.Module, Fidelity | None]:
+    """convert_model's work, also returning the fidelity measured on the calibration data (preserve.finish)."""
     plan(_check_model(model), options)  # raises on unconvertible modules before anything is copied
+    batches = calibration_batches(calibration_data, preserve=options.preserve)
     example = resolve_example_inputs(model, example_inputs, input_shape)
-    probe = probe_unnormalized(model, example) if skip_unnormalized else None
+    probe = probe_unnormalized(model, example) if options.skip_unnormalized else None
+    reference = None
+    if batches is not None:  # the unconverted model, to fit and measure against
+        if inplace:
+            with eval_mode(model):
+                run_model(model, batches[0], 0, what="original")  # fails before anything is changed
+        reference = _copy(model) if inplace else model
     target = model if inplace else _copy(model)
-    return apply(target, _planned(target, options, example, probe), options)
+    steps = _planned(target, options, example, probe)
+    converted = apply(target, steps, options)
+    return converted, finish(converted, steps, options, reference, batches)
 
 
 def _planned(model: nn.Module, options: ConversionOptions, example: object, probe: ProbeResult | None) -> list[Step]:
@@ -185,4 +235,5 @@ def bake(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                 _own_parametrized_class(module)
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
                 compat.remove_plain_weight_hook(module)
+                remove_gain_shift_hook(module)  # the baked weight is W_eff: nothing left to fill
     return target

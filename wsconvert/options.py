@@ -42,6 +42,7 @@ class ConversionOptions:
     exclude: tuple[str, ...] = field(default=())
     skip_depthwise: bool = False
     skip_unnormalized: bool = False
+    preserve: bool = False  # keep the trained function: Adaptive WS gain/shift, GroupNorm affines (preserve.py)
 
     @classmethod
     def build(
@@ -54,6 +55,7 @@ class ConversionOptions:
         exclude: str | Sequence[str] | None = None,
         skip_depthwise: bool = False,
         skip_unnormalized: bool = False,
+        preserve: bool = False,
     ) -> ConversionOptions:
         if gn is not None and (isinstance(gn, bool) or not isinstance(gn, int) or gn < 1):
             raise InvalidOptionError(
@@ -64,6 +66,8 @@ class ConversionOptions:
             raise InvalidOptionError(f"skip_depthwise={skip_depthwise!r} must be True or False")
         if not isinstance(skip_unnormalized, bool):
             raise InvalidOptionError(f"skip_unnormalized={skip_unnormalized!r} must be True or False")
+        if not isinstance(preserve, bool):
+            raise InvalidOptionError(f"preserve={preserve!r} must be True or False")
         return cls(
             gn=gn,
             eps=validate_eps(eps),
@@ -72,6 +76,7 @@ class ConversionOptions:
             exclude=_patterns("exclude", exclude),
             skip_depthwise=skip_depthwise,
             skip_unnormalized=skip_unnormalized,
+            preserve=preserve,
         )
 
     def deselected_reason(self, paths: Sequence[str]) -> str | None:
@@ -97,4 +102,5 @@ class ConversionOptions:
             "exclude": list(self.exclude),
             "skip_depthwise": self.skip_depthwise,
             "skip_unnormalized": self.skip_unnormalized,
+            "preserve": self.preserve,
         }

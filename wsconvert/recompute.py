@@ -71,12 +71,13 @@ class _Recipe:
                 "forward and backward (e.g. an optimizer step before loss.backward()), so W_hat cannot be "
                 "recomputed for this backward; run backward first, or turn recompute_in_backward off"
             )
+        # ws.adapt applies the Adaptive WS gain/shift when the conv has them (wsconvert.preserve): the conv saw W_eff.
         if self.stats is not None and not torch.is_grad_enabled():
             mean, rstd = self.stats  # one elementwise pass; bitwise what native_layer_norm computed on CPU
-            return torch.sub(self.weight.detach(), mean).mul_(rstd)
+            return self.ws.adapt(torch.sub(self.weight.detach(), mean).mul_(rstd))
         # From scratch; also for double backward (create_graph=True), where W_hat must stay a function of W.
         ws = self.ws
-        return standardize_weight(self.weight, ws.eps, ws.style, transposed=ws.transposed, groups=ws.groups)
+        return ws.adapt(standardize_weight(self.weight, ws.eps, ws.style, transposed=ws.transposed, groups=ws.groups))
 
 
 def _standardization(conv: nn.Module) -> WeightStandardization | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .fidelity import Fidelity
+
 __all__ = ["ConvertedModule", "SkippedModule", "GroupFallback", "UnnormalizedConv", "ConversionReport"]
 
 
@@ -59,6 +61,8 @@ class ConversionReport:
     # "" when not probed, else the method, or "unavailable: <why>".
     unnormalized: list[UnnormalizedConv] = field(default_factory=list)
     unnormalized_detection: str = ""
+    # With preserve=True and calibration data: agreement with the original model (wsconvert.fidelity).
+    fidelity: Fidelity | None = None
 
     def to_dict(self) -> dict:
         """A JSON-serializable dict."""
@@ -71,6 +75,7 @@ class ConversionReport:
             "notes": list(self.notes),
             "unnormalized": [asdict(u) | {"also_at": list(u.also_at)} for u in self.unnormalized],
             "unnormalized_detection": self.unnormalized_detection,
+            "fidelity": None if self.fidelity is None else self.fidelity.to_dict(),
         }
 
     def summary(self) -> dict[str, int]:
@@ -112,6 +117,8 @@ class ConversionReport:
             )
         elif self.unnormalized_detection.startswith("unavailable"):
             lines += ["", f"Unnormalized-conv detection {self.unnormalized_detection}"]
+        if self.fidelity is not None:
+            lines += ["", *self.fidelity.lines()]
         if self.notes:
             lines += ["", "Notes:"] + [f"- {note}" for note in self.notes]
         return "\n".join(lines)

@@ -31,7 +31,14 @@ from torch import Tensor, nn
 from .errors import InvalidOptionError, UnsupportedModuleError
 from .fsdp import fsdp2_in_use
 
-__all__ = ["STYLES", "WeightStandardization", "standardize_weight", "validate_eps", "validate_style"]
+__all__ = [
+    "STYLES",
+    "WeightStandardization",
+    "apply_filter_affine",
+    "standardize_weight",
+    "validate_eps",
+    "validate_style",
+]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -179,6 +186,28 @@ def standardize_weight_keeping_stats(
     return standardize_weight(weight, eps, style, transposed=transposed, groups=groups), None
 
 
+def apply_filter_affine(
+    w_hat: Tensor, gain: Tensor, shift: Tensor, *, transposed: bool = False, groups: int = 1
+) -> Tensor:
+    """``gain[o] * w_hat[filter o] + shift[o]`` for every output channel o; gain/shift have shape (out_channels,).
+
+    Plain conv weights are (out, in/groups, *kernel); ConvTranspose weights (in, out/groups, *kernel), whose
+    output channel g * out/groups + j is column j of group g. Low-precision weights are combined in float32.
+    """
+    dtype = w_hat.dtype
+    if dtype in _LOW_PRECISION:
+        w_hat, gain, shift = w_hat.float(), gain.float(), shift.float()
+    ones = (1,) * (w_hat.dim() - 2)
+    if transposed:
+        shape = w_hat.shape
+        grouped = w_hat.reshape(groups, shape[0] // groups, shape[1], *shape[2:])
+        out = torch.addcmul(shift.view(groups, 1, -1, *ones), grouped, gain.view(groups, 1, -1, *ones))
+        out = out.reshape(shape)
+    else:
+        out = torch.addcmul(shift.view(-1, 1, *ones), w_hat, gain.view(-1, 1, *ones))
+    return out.to(dtype)
+
+
 class WeightStandardization(nn.Module):
     """Parametrization W -> W_hat for ``torch.nn.utils.parametrize.register_parametrization``.
 
@@ -195,6 +224,10 @@ class WeightStandardization(nn.Module):
     because ``eval()`` clears the cache. Code that rewrites W through ``.data`` while staying in eval mode
     should call ``clear_cache()`` (or edit ``p`` itself under ``torch.no_grad()``); ``cache=False`` turns
     caching off.
+
+    Optional buffers ``gain`` / ``shift`` (shape (out_channels,), set by ``set_affine``, see wsconvert.preserve)
+    make the result W_eff = gain * W_hat + shift per output filter (Adaptive WS, DetectoRS arXiv:2006.02334).
+    The cache then holds W_eff and its key also covers their address and version.
     """
 
     def __init__(
@@ -214,7 +247,11 @@ class WeightStandardization(nn.Module):
         self.transposed = bool(transposed)
         self.groups = groups
         self.cache = bool(cache)
-        self._cached: tuple[tuple, Tensor, Tensor] | None = None
+        self._cached: tuple[tuple, Tensor, Tensor, tuple | None] | None = None
+        # Adaptive WS (wsconvert.preserve): optional per-output-filter buffers, W_eff = gain * W_hat + shift.
+        # None (absent from the state dict) unless set_affine() gave them values.
+        self.register_buffer("gain", None)
+        self.register_buffer("shift", None)
         # Set by wsconvert.recompute around a conv forward: remember the W_hat handed to the conv and the
         # statistics that rebuild it.
         self._record = False
@@ -229,22 +266,30 @@ class WeightStandardization(nn.Module):
         if _in_graph_capture():
             # A compiled or traced graph computes W_hat itself. Not even reading the cache here: torch.compile
             # would guard on it and recompile whenever eager code refills it.
-            return standardize_weight(weight, self.eps, self.style, transposed=self.transposed, groups=self.groups)
+            return self.adapt(
+                standardize_weight(weight, self.eps, self.style, transposed=self.transposed, groups=self.groups)
+            )
         if not self.cache or _must_recompute(weight):
             if self._cached is not None:
                 self._cached = None
             if self._record:
-                self._recorded = standardize_weight_keeping_stats(
+                w_hat, stats = standardize_weight_keeping_stats(
                     weight, self.eps, self.style, transposed=self.transposed, groups=self.groups
                 )
+                self._recorded = (self.adapt(w_hat), stats)
                 return self._recorded[0]
-            return standardize_weight(weight, self.eps, self.style, transposed=self.transposed, groups=self.groups)
+            return self.adapt(
+                standardize_weight(weight, self.eps, self.style, transposed=self.transposed, groups=self.groups)
+            )
         cached = self.cached_result(weight)
         if cached is not None:
             return cached
-        result = standardize_weight(weight, self.eps, self.style, transposed=self.transposed, groups=self.groups)
-        # Holding an alias of W keeps its storage alive, so its address cannot be reused by another tensor.
-        self._cached = (_cache_key(weight), weight.detach(), result)
+        result = self.adapt(
+            standardize_weight(weight, self.eps, self.style, transposed=self.transposed, groups=self.groups)
+        )
+        # Holding an alias of W keeps its storage alive, so its address cannot be reused by another tensor
+        # (the same holds for gain/shift, aliased in their key).
+        self._cached = (_cache_key(weight), weight.detach(), result, self._affine_key())
         return result
 
     def cached_result(self, weight: Tensor) -> Tensor | None:
@@ -261,9 +306,33 @@ class WeightStandardization(nn.Module):
             or (weight.requires_grad and _grad_enabled())
             or fsdp2_in_use()
             or cached[0] != _cache_key(weight)
+            or (cached[3] is not None and cached[3] != self._affine_key())
         ):
             return None
         return cached[2]
+
+    def _affine_key(self) -> tuple | None:
+        """What identifies gain/shift's current values (address, version), None without them."""
+        gain, shift = self._buffers.get("gain"), self._buffers.get("shift")
+        if gain is None or shift is None:
+            return None
+        return (gain.data_ptr(), gain._version, shift.data_ptr(), shift._version, gain.dtype)
+
+    def adapt(self, w_hat: Tensor) -> Tensor:
+        """W_eff = gain * W_hat + shift per output filter when gain/shift are set (Adaptive WS, DetectoRS,
+        arXiv:2006.02334; mmcv ConvAWS2d), else ``w_hat`` itself. See wsconvert.preserve."""
+        gain, shift = self._buffers.get("gain"), self._buffers.get("shift")
+        if gain is None or shift is None:
+            return w_hat
+        return apply_filter_affine(w_hat, gain, shift, transposed=self.transposed, groups=self.groups)
+
+    def set_affine(self, gain: Tensor | None, shift: Tensor | None) -> None:
+        """Set (or, with None, remove) the per-output-filter gain/shift buffers, shape (out_channels,)."""
+        if (gain is None) != (shift is None):
+            raise InvalidOptionError("gain and shift are set together: pass both tensors, or both None")
+        self._buffers["gain"] = None if gain is None else gain.detach()
+        self._buffers["shift"] = None if shift is None else shift.detach()
+        self._cached = None
 
     def clear_cache(self) -> None:
         self._cached = None
@@ -298,7 +367,8 @@ class WeightStandardization(nn.Module):
 
     def extra_repr(self) -> str:
         layout = f", transposed=True, groups={self.groups}" if self.transposed else ""
-        return f"eps={self.eps}, style={self.style!r}{layout}"
+        adaptive = ", gain/shift (Adaptive WS)" if self._buffers.get("gain") is not None else ""
+        return f"eps={self.eps}, style={self.style!r}{layout}{adaptive}"
 
 
 _is_compiling = torch.compiler.is_compiling  # bound once: these run on every cached weight read
