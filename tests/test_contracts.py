@@ -306,6 +306,21 @@ def test_failed_conversion_changes_nothing(
     assert isinstance(converted.bn, nn.GroupNorm)
 
 
+@pytest.mark.parametrize("fail_at", [2, 25, 40])
+def test_failed_conversion_of_a_torchvision_resnet_changes_nothing(failing_rules: FailingRules, fail_at: int) -> None:
+    from torchvision.models import resnet18
+
+    net = resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    before = _state(net, x)
+    failing_rules.inject(fail_at, True, RuntimeError("injected"))
+    with pytest.raises(WSConvertError, match="injected"):
+        convert_model(net, gn=GROUPS, inplace=True)
+    after_state = _state(net, x)
+    assert_close(after_state.pop("output"), before.pop("output"), rtol=0, atol=0)
+    assert after_state == before
+
+
 def test_converting_a_copy_leaves_an_original_with_a_parametrized_bias_working() -> None:
     conv = nn.Conv2d(3, C, 3)
     parametrize.register_parametrization(conv, "bias", Scale())  # its per-module class is shared by deepcopy
