@@ -30,6 +30,7 @@ import re
 import secrets
 import struct
 import sys
+import types
 import zipfile
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping
@@ -40,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .archive import inspect_zip
 from .errors import CheckpointError
 
 __all__ = [
@@ -76,27 +78,40 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = 0x80
 
 
+# numpy scalar type codes whose dtype classes the allowlist holds: bool, signed and unsigned integers, floats and
+# complex numbers of every width (``type(np.dtype(code))`` is numpy 2's ``numpy.dtypes.*DType`` class, which
+# weights_only loading must be allowed to rebuild; numpy 1.x has no such classes).
+NUMPY_SCALAR_CODES = "?bBhHiIlLqQefdgFDG"
+# The name numpy 1.x pickles its scalars under; numpy 2 keeps the function in numpy._core.multiarray.
+NUMPY1_SCALAR = "numpy.core.multiarray.scalar"
+
+
 def safe_globals() -> list:
-    """The classes and functions that weights_only loading may rebuild beyond tensors and containers."""
+    """The classes and functions that weights_only loading may rebuild beyond tensors and containers.
+
+    ``argparse.Namespace`` (timm train.py and the torchvision references keep their ``args`` as one) and
+    numpy scalars (metrics): ``numpy._core.multiarray.scalar``, the same function under numpy 1.x's name
+    ``numpy.core.multiarray.scalar`` (a ``(function, name)`` pair, torch.serialization.add_safe_globals),
+    ``numpy.dtype`` and the dtype classes of NUMPY_SCALAR_CODES. Nothing else: no object arrays, strings or
+    void records.
+    """
     allowed: list = [argparse.Namespace]
     try:
         import numpy as np
     except ImportError:  # numpy is optional for torch
         return allowed
     core = getattr(np, "_core", None) or np.core
-    allowed += [core.multiarray.scalar, np.dtype]
-    dtypes = getattr(np, "dtypes", None)
-    if dtypes is not None:
-        allowed += [
-            getattr(dtypes, name)
-            for name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType", "BoolDType")
-            if hasattr(dtypes, name)
-        ]
+    scalar = core.multiarray.scalar
+    allowed += [scalar, np.dtype]
+    if f"{scalar.__module__}.{scalar.__qualname__}" != NUMPY1_SCALAR:
+        allowed.append((scalar, NUMPY1_SCALAR))
+    dtype_classes = {type(np.dtype(code)) for code in NUMPY_SCALAR_CODES}
+    allowed += sorted((c for c in dtype_classes if c is not np.dtype), key=lambda c: c.__qualname__)
     return allowed
 
 
 def _allowed_names() -> set[str]:
-    return {f"{g.__module__}.{g.__qualname__}" for g in safe_globals()}
+    return {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in safe_globals()}
 
 
 @dataclass
@@ -190,10 +205,54 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
+class _AllowlistUnpickler(pickle.Unpickler):
+    """The standard unpickler restricted to weights_only's allowlist, for pickle protocols above 2.
+
+    torch's weights_only unpickler parses protocol 2 opcodes only (protocol 4's FRAME: "Unsupported operand
+    149"), yet ``torch.save(..., pickle_protocol=4)`` files are legal. This is the "Restricting Globals" recipe
+    of Python's pickle documentation with torch's own allowlist (torch/_weights_only_unpickler.py) plus
+    :func:`safe_globals`: a name outside it raises the message torch raises, nothing else is imported.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        from torch import _weights_only_unpickler as weights_only
+
+        full = f"{module}.{name}"
+        found = weights_only._get_allowed_globals().get(full) or weights_only._get_user_allowed_globals().get(full)
+        if found is None:
+            raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {full} was not an allowed global")
+        return found
+
+
+def _allowlist_pickle_module() -> types.ModuleType:
+    """A ``pickle_module`` for torch.load whose Unpickler (and ``load``, used by the legacy format) is restricted."""
+    module = types.ModuleType("wsconvert_allowlist_pickle")
+    module.Unpickler = _AllowlistUnpickler  # type: ignore[attr-defined]
+    module.load = lambda file, **kwargs: _AllowlistUnpickler(file, **kwargs).load()  # type: ignore[attr-defined]
+    return module
+
+
+def _legacy_protocol(path: Path) -> int:
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return head[1] if len(head) == 2 and head[0] == _PICKLE_PROTO else 0
+
+
 def _torch_load(path: Path, fmt: str, trust_pickle: bool) -> tuple[Any, bool]:
-    mmap = fmt == "torch-zip"
+    """torch.load with the allowlist; returns (object, whether its tensors are memory-mapped).
+
+    Zip archives are inspected first (:func:`wsconvert.archive.inspect_zip`): bounded, and mapped only when
+    every tensor record is stored uncompressed and aligned, otherwise read into memory (the values torch.load
+    returns without mmap). Protocol 2 pickles use torch's weights_only unpickler, later protocols
+    :class:`_AllowlistUnpickler`; anything outside the allowlist needs ``trust_pickle``.
+    """
+    if fmt == "torch-zip":
+        layout = inspect_zip(path)
+        mmap, protocol = layout.mappable, layout.protocol
+    else:
+        mmap, protocol = False, _legacy_protocol(path)
     unsafe: list[str] = []
-    if mmap:
+    if fmt == "torch-zip" and protocol <= 2:
         try:
             allowed = _allowed_names()
             found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
@@ -203,14 +262,17 @@ def _torch_load(path: Path, fmt: str, trust_pickle: bool) -> tuple[Any, bool]:
         if unsafe and not trust_pickle:
             raise _pickle_refusal(path, unsafe)
     weights_only = not unsafe
+    restricted = {"weights_only": False, "pickle_module": _allowlist_pickle_module()} if protocol > 2 else {}
     try:
         with torch.serialization.safe_globals(safe_globals()):
+            if weights_only and restricted:
+                return torch.load(path, map_location="cpu", mmap=mmap, **restricted), mmap
             return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap), mmap
     except pickle.UnpicklingError as error:
         globals_needed = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
-        if globals_needed:
-            if not trust_pickle:
-                raise _pickle_refusal(path, globals_needed) from None
+        if globals_needed and not trust_pickle:
+            raise _pickle_refusal(path, globals_needed) from None
+        if trust_pickle and weights_only:  # the allowlist was not enough: the user trusts the file
             try:
                 return torch.load(path, map_location="cpu", weights_only=False), False
             except Exception as inner:  # code from a trusted pickle can raise anything
