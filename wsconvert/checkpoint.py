@@ -476,14 +476,51 @@ def _madvise() -> Callable | None:
     return madvise
 
 
+# /proc/self/pagemap entry bits (Linux Documentation/admin-guide/mm/pagemap.rst; readable without privileges).
+_PAGE_PRESENT_BIT, _PAGE_SWAPPED_BIT, _PAGE_FILE_BIT = 63, 62, 61
+
+
+def _file_identical_runs(start: int, end: int) -> list[tuple[int, int]]:
+    """The address ranges within [start, end) of a private file mapping whose pages may be dropped.
+
+    A page of a private mapping that was written to (torch byteswaps a big-endian checkpoint in place; code
+    may modify a loaded tensor) becomes an anonymous private copy: dropping it would make the next read return
+    the file's bytes, not the values. The kernel tells which pages are such copies: present but not file pages,
+    or swapped out. Only runs of the other pages are returned; none when the page map cannot be read.
+    """
+    page = os.sysconf("SC_PAGE_SIZE")
+    count = (end - start) // page
+    try:
+        with open("/proc/self/pagemap", "rb") as pagemap:
+            pagemap.seek(start // page * 8)
+            data = pagemap.read(count * 8)
+    except OSError:
+        return []
+    if count == 0 or len(data) != count * 8:
+        return []
+    entries = torch.frombuffer(bytearray(data), dtype=torch.int64)
+    present = entries < 0  # bit 63 is the sign bit
+    swapped = (entries >> _PAGE_SWAPPED_BIT) & 1 == 1
+    file_page = (entries >> _PAGE_FILE_BIT) & 1 == 1
+    private_copy = (present & ~file_page) | swapped
+    if not bool(private_copy.any()):
+        return [(start, end)]
+    border = torch.ones(1, dtype=torch.int8)
+    edges = torch.diff(torch.cat([border, private_copy.to(torch.int8), border]))
+    begins = (edges == -1).nonzero().flatten().tolist()  # a private copy ends, a run of file pages starts
+    ends = (edges == 1).nonzero().flatten().tolist()
+    return [(start + a * page, start + b * page) for a, b in zip(begins, ends, strict=True)]
+
+
 def release_mapped_pages(path: str | os.PathLike) -> int:
-    """Drop this process's resident pages of its private memory maps of ``path`` (Linux; elsewhere a no-op).
+    """Drop this process's resident pages of its private memory maps of ``path`` that equal the file (Linux).
 
     ``torch.load(mmap=True)`` maps the input file privately; pages read while writing the output stay
-    resident and count towards the process's memory. wsconvert never writes to the loaded tensors (the
-    conversion reuses them, ``bake`` swaps storages with ``set_``), so those pages equal the file and
-    ``madvise(MADV_DONTNEED)`` only makes the kernel re-read them from the page cache if needed again.
-    Returns the number of bytes advised.
+    resident and count towards the process's memory. ``madvise(MADV_DONTNEED)`` drops them, and the kernel
+    re-reads them from the page cache if needed again, which is only right for pages that still equal the
+    file: pages the process wrote to (a big-endian checkpoint, which torch byteswaps on load, or a tensor
+    modified in memory) are kept (:func:`_file_identical_runs`). Elsewhere, or without a readable
+    /proc/self/pagemap, nothing is dropped. Returns the number of bytes advised.
     """
     madvise = _madvise()
     if madvise is None:
@@ -499,8 +536,9 @@ def release_mapped_pages(path: str | os.PathLike) -> int:
         fields = line.split(maxsplit=5)
         if len(fields) == 6 and fields[5] == real and fields[1].endswith("p"):
             start, end = (int(x, 16) for x in fields[0].split("-"))
-            if madvise(start, end - start, _MADV_DONTNEED) == 0:
-                released += end - start
+            for begin, stop in _file_identical_runs(start, end):
+                if madvise(begin, stop - begin, _MADV_DONTNEED) == 0:
+                    released += stop - begin
     return released
 
 
