@@ -361,14 +361,23 @@ def match_prefix(keys: list[str], expected: set[str]) -> tuple[str, int]:
     """The key prefix (e.g. "", "module.", "_orig_mod.", "model.") under which ``keys`` best match ``expected``.
 
     Every key votes for each prefix that leaves an expected key; the prefix with most votes wins (the
-    shortest on a tie). Returns (prefix, number of keys matched).
+    shortest on a tie). Returns (prefix, number of keys matched). Linear in the total length of the keys:
+    only the suffixes of a key with at most as many dot-separated parts and characters as the longest
+    expected key are looked up (a key of 40,000 parts is not split 40,000 ways).
     """
+    most_parts = max((k.count(".") + 1 for k in expected), default=0)
+    longest = max(map(len, expected), default=0)
     votes: Counter[str] = Counter()
     for key in keys:
-        parts = key.split(".")
-        for i in range(len(parts)):
-            if ".".join(parts[i:]) in expected:
-                votes[".".join(parts[:i]) + ("." if i else "")] += 1
+        cut = len(key)
+        for _ in range(most_parts):
+            cut = key.rfind(".", 0, cut)
+            if len(key) - cut - 1 > longest:
+                break
+            if key[cut + 1 :] in expected:
+                votes[key[: cut + 1]] += 1
+            if cut < 0:
+                break
     if not votes:
         return "", 0
     prefix, count = max(votes.items(), key=lambda item: (item[1], -len(item[0])))
