@@ -32,7 +32,14 @@ from .convert import convert_model, plan_conversion
 from .errors import ArchitectureError, CheckpointError
 from .report import ConversionReport
 
-__all__ = ["WHOLE_MODEL_FORMAT", "CheckpointConversion", "EntryResult", "convert_checkpoint", "rewrite_state_dict"]
+__all__ = [
+    "WHOLE_MODEL_FORMAT",
+    "CheckpointConversion",
+    "EntryResult",
+    "convert_checkpoint",
+    "rewrite_state_dict",
+    "validate_state_dict",
+]
 
 WHOLE_MODEL_FORMAT = "wsconvert-whole-model"
 _SHOWN = 3
@@ -121,8 +128,13 @@ def _shape(t: torch.Tensor) -> list[int]:
     return list(t.shape)
 
 
+def _short(text: str, limit: int = 80) -> str:
+    """``text`` for a one-line message: very long keys keep their start and end and say how long they are."""
+    return text if len(text) <= limit else f"{text[: limit // 2]}...{text[-limit // 4 :]} ({len(text):,} characters)"
+
+
 def _listed(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_SHOWN])
+    shown = ", ".join(_short(str(k)) for k in keys[:_SHOWN])
     return shown + (f" (+{len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else "")
 
 
@@ -167,6 +179,64 @@ def _prefixed_metadata(source: Mapping | None, converted: Mapping | None, prefix
     return metadata
 
 
+def _described(value: object) -> str:
+    """A value named for a message: its type and a short repr (tensors: dtype, layout and shape)."""
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.layout).replace('torch.', '')} {value.dtype} tensor of shape {_shape(value)}"
+    return f"a {type(value).__name__} ({_short(repr(value), 60)})"
+
+
+def validate_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    where: str = "the state dict",
+    expected: Mapping[str, torch.Tensor] | None = None,
+    prefix: str = "",
+    arch: str = "the architecture",
+) -> None:
+    """Refuse a state dict whose contents the rewrite cannot use, naming the key, the value and what to do.
+
+    Checked in one place, before anything is loaded: ``_metadata`` has the shape ``state_dict()`` gives it
+    (torch/nn/modules/module.py: a dict of module path -> dict such as ``{"version": 1}``); every tensor of
+    the model (keys under ``prefix``) is a dense strided tensor (not sparse, quantized or nested); where the
+    architecture keeps a floating-point tensor (weights, norm parameters, running statistics) the file holds a
+    real floating-point one (not bool, integer or complex). Keys outside ``prefix`` are kept as they are.
+    """
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        fix = "delete it (del state_dict._metadata) or re-save the model's own state_dict()"
+        if not isinstance(metadata, Mapping):
+            raise CheckpointError(
+                f"{where}: its _metadata is {_described(metadata)}, not the dict of per-module versions that "
+                f"state_dict() records; {fix}"
+            )
+        for key, value in metadata.items():
+            if not isinstance(key, str):
+                raise CheckpointError(
+                    f"{where}: its _metadata has the key {_described(key)}; its keys are module paths (str): {fix}"
+                )
+            if not isinstance(value, Mapping):
+                raise CheckpointError(
+                    f"{where}: its _metadata[{_short(key)!r}] is {_described(value)}, not a dict such as "
+                    f"{{'version': 1}}; {fix}"
+                )
+    for key, value in state_dict.items():
+        if not key.startswith(prefix):
+            continue
+        if value.layout != torch.strided or value.is_quantized or value.is_nested:
+            kind = "quantized" if value.is_quantized else "nested" if value.is_nested else "sparse"
+            remedy = "value.dequantize()" if value.is_quantized else "value.to_dense()"
+            raise CheckpointError(
+                f"{where}: {_short(key)} is {_described(value)} ({kind}); wsconvert rewrites dense float weights: "
+                f"store {remedy} under that key and re-save"
+            )
+        want = None if expected is None else expected.get(key[len(prefix) :])
+        if want is not None and want.is_floating_point() and not value.is_floating_point():
+            raise CheckpointError(
+                f"{where}: {_short(key)} is {_described(value)}, but {arch} keeps {want.dtype} values there; "
+                "store a floating-point tensor (e.g. value.float()) or re-save the model's own state_dict()"
+            )
+
+
 def rewrite_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     skeleton: nn.Module,
@@ -187,6 +257,7 @@ def rewrite_state_dict(
     expected = skeleton.state_dict()
     keys = list(state_dict)
     prefix, matched = ckpt.match_prefix(keys, set(expected))
+    validate_state_dict(state_dict, where, expected, prefix, arch)
     own = OrderedDict((k[len(prefix) :], v) for k, v in state_dict.items() if k.startswith(prefix))
     kept = [k for k in keys if not k.startswith(prefix)]
     sizes = [
@@ -274,14 +345,53 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _is_record(value: object) -> bool:
+    """Whether ``value`` is a wsconvert record: a dict of JSON values with a str ``version``."""
+    if not isinstance(value, Mapping) or not isinstance(value.get("version"), str):
+        return False
+    try:
+        json.dumps(dict(value), sort_keys=True)
+    except (TypeError, ValueError):  # a tensor, an object, a non-str key, ...
+        return False
+    return True
+
+
 def _already_converted(loaded: ckpt.Loaded) -> dict | None:
+    """The wsconvert record the input carries (written by wsconvert), or None when it has none.
+
+    CheckpointError for a value under a record's name that is not a record (safetensors metadata that is
+    not JSON, a dict holding a tensor, ...): converting would overwrite it with this run's record.
+    """
+    obj = loaded.obj
     if loaded.format == "safetensors":
-        raw = loaded.metadata.get(ckpt.INFO_KEY)
-        return json.loads(raw) if raw else None
-    if loaded.kind == "module":
-        info = getattr(loaded.obj, "_wsconvert_info", None)
-        return info if isinstance(info, dict) else None
-    return ckpt.read_info(loaded.obj)
+        if ckpt.INFO_KEY not in loaded.metadata:
+            return None
+        where = f"its safetensors metadata entry {ckpt.INFO_KEY!r}"
+        raw = loaded.metadata[ckpt.INFO_KEY]
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            raise CheckpointError(
+                f"{loaded.path}: {where} is {_short(repr(raw), 60)}, which is not JSON and so not a wsconvert "
+                f"record; wsconvert writes its record under that name: remove or rename the entry, then rerun"
+            ) from None
+    elif loaded.kind == "module":
+        if "_wsconvert_info" not in vars(obj):
+            return None
+        where, record = "its attribute _wsconvert_info", vars(obj)["_wsconvert_info"]
+    elif loaded.kind == "checkpoint" and ckpt.INFO_KEY in obj:
+        where, record = f"its entry {ckpt.INFO_KEY!r}", obj[ckpt.INFO_KEY]
+    else:
+        metadata = getattr(obj, "_metadata", None)
+        if not isinstance(metadata, Mapping) or ckpt.METADATA_INFO_KEY not in metadata:
+            return None
+        where, record = f"its _metadata[{ckpt.METADATA_INFO_KEY!r}]", metadata[ckpt.METADATA_INFO_KEY]
+    if not _is_record(record):
+        raise CheckpointError(
+            f"{loaded.path}: {where} is {_described(record)}, which is not a wsconvert record (a dict of JSON values "
+            "with a 'version'); wsconvert writes its record under that name: remove or rename the entry, then rerun"
+        )
+    return dict(record)
 
 
 def _resolve(loaded: ckpt.Loaded, arch: str | None, arch_kwargs: Mapping[str, Any] | None, notes: list[str]):
