@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .bcn import BatchChannelNorm
 from .convert import bake, convert_model, plan_conversion
 from .errors import (
     ArchitectureError,
@@ -28,6 +29,7 @@ __all__ = [
     "is_standardized",
     "standardize_weight",
     "WeightStandardization",
+    "BatchChannelNorm",
     "ConversionReport",
     "WSConvertError",
     "InvalidOptionError",

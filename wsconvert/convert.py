@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import compat
+from .bcn import bake_batch_channel_norms, preserve_batch_channel_norms
 from .calibrate import calibration_batches, eval_mode, run_model
 from .errors import InvalidOptionError, UnsupportedModuleError, WSConvertError
 from .fidelity import Fidelity
@@ -81,6 +82,8 @@ def plan_conversion(
     skip_unnormalized: bool = False,
     example_inputs: object = None,
     input_shape: Sequence[int] | None = None,
+    norm: str | None = None,
+    bcn_estimate: float | None = None,
     preserve: bool = False,
     calibration_data: object = None,
 ) -> ConversionReport:
@@ -102,6 +105,8 @@ def plan_conversion(
         exclude=exclude,
         skip_depthwise=skip_depthwise,
         skip_unnormalized=skip_unnormalized,
+        norm=norm,
+        bcn_estimate=bcn_estimate,
         preserve=preserve,
     )
     model = _check_model(model)
@@ -129,6 +134,8 @@ def convert_model(
     skip_unnormalized: bool = False,
     example_inputs: object = None,
     input_shape: Sequence[int] | None = None,
+    norm: str | None = None,
+    bcn_estimate: float | None = None,
     preserve: bool = False,
     calibration_data: object = None,
 ) -> nn.Module:
@@ -151,6 +158,8 @@ def convert_model(
         exclude=exclude,
         skip_depthwise=skip_depthwise,
         skip_unnormalized=skip_unnormalized,
+        norm=norm,
+        bcn_estimate=bcn_estimate,
         preserve=preserve,
     )
     return _convert(model, options, inplace, example_inputs, input_shape, calibration_data)[0]
@@ -193,6 +202,8 @@ def _convert(
     target = model if inplace else _copy(model)
     steps = _planned(target, options, example, probe)
     converted = apply(target, steps, options)
+    if options.preserve:
+        preserve_batch_channel_norms(converted, steps)  # data-free group affines (wsconvert.bcn)
     return converted, finish(converted, steps, options, reference, batches)
 
 
@@ -236,4 +247,4 @@ def bake(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
                 compat.remove_plain_weight_hook(module)
                 remove_gain_shift_hook(module)  # the baked weight is W_eff: nothing left to fill
-    return target
+    return bake_batch_channel_norms(target)

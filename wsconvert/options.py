@@ -6,6 +6,7 @@ import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from .bcn import validate_estimate
 from .errors import InvalidOptionError
 from .standardize import validate_eps, validate_style
 
@@ -31,6 +32,28 @@ def _patterns(name: str, value: str | Iterable[str] | None) -> tuple[str, ...]:
     return patterns
 
 
+NORMS = ("gn", "bcn")
+
+
+def _norm_options(norm: object, bcn_estimate: object, gn: int | None) -> tuple[str, float | None]:
+    """``norm`` (what replaces BatchNorm: "gn" GroupNorm, "bcn" BatchChannelNorm) and the BCN estimate rate."""
+    if norm is not None and norm not in NORMS:
+        raise InvalidOptionError(
+            f"norm={norm!r} must be 'gn' (GroupNorm) or 'bcn' (Batch-Channel Normalization, arXiv:1903.10520)"
+        )
+    if norm is not None and gn is None:
+        raise InvalidOptionError(
+            f"norm={norm!r} replaces BatchNorm layers and needs the number of groups: pass gn=G as well (e.g. gn=32)"
+        )
+    norm = norm or "gn"
+    if bcn_estimate is not None and norm != "bcn":
+        raise InvalidOptionError(
+            f"bcn_estimate={bcn_estimate!r} selects estimated BatchNorm inside Batch-Channel Normalization; "
+            "pass norm='bcn' (and gn=G) with it"
+        )
+    return norm, validate_estimate(bcn_estimate)
+
+
 @dataclass(frozen=True)
 class ConversionOptions:
     """What to convert and how. Build it with ``ConversionOptions.build(...)``, which validates."""
@@ -42,6 +65,8 @@ class ConversionOptions:
     exclude: tuple[str, ...] = field(default=())
     skip_depthwise: bool = False
     skip_unnormalized: bool = False
+    norm: str = "gn"
+    bcn_estimate: float | None = None
     preserve: bool = False  # keep the trained function: Adaptive WS gain/shift, GroupNorm affines (preserve.py)
 
     @classmethod
@@ -55,6 +80,8 @@ class ConversionOptions:
         exclude: str | Sequence[str] | None = None,
         skip_depthwise: bool = False,
         skip_unnormalized: bool = False,
+        norm: str | None = None,
+        bcn_estimate: float | None = None,
         preserve: bool = False,
     ) -> ConversionOptions:
         if gn is not None and (isinstance(gn, bool) or not isinstance(gn, int) or gn < 1):
@@ -68,6 +95,7 @@ class ConversionOptions:
             raise InvalidOptionError(f"skip_unnormalized={skip_unnormalized!r} must be True or False")
         if not isinstance(preserve, bool):
             raise InvalidOptionError(f"preserve={preserve!r} must be True or False")
+        norm, bcn_estimate = _norm_options(norm, bcn_estimate, gn)
         return cls(
             gn=gn,
             eps=validate_eps(eps),
@@ -76,6 +104,8 @@ class ConversionOptions:
             exclude=_patterns("exclude", exclude),
             skip_depthwise=skip_depthwise,
             skip_unnormalized=skip_unnormalized,
+            norm=norm,
+            bcn_estimate=bcn_estimate,
             preserve=preserve,
         )
 
@@ -102,5 +132,7 @@ class ConversionOptions:
             "exclude": list(self.exclude),
             "skip_depthwise": self.skip_depthwise,
             "skip_unnormalized": self.skip_unnormalized,
+            "norm": self.norm,
+            "bcn_estimate": self.bcn_estimate,
             "preserve": self.preserve,
         }

@@ -21,7 +21,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
-from . import cached_weight, compat
+from . import bcn, cached_weight, compat
 from .errors import UnsupportedModuleError
 from .options import ConversionOptions
 from .standardize import WeightStandardization
@@ -197,10 +197,14 @@ def _norm_decision(module: nn.Module, path: str, options: ConversionOptions, tar
 
 
 def _decide_batchnorm(module: nn.Module, path: str, options: ConversionOptions) -> Decision:
+    if options.norm == "bcn":
+        return bcn.with_notes(_norm_decision(module, path, options, "BatchChannelNorm"), module, path, options)
     return _norm_decision(module, path, options, "GroupNorm")
 
 
 def _decide_norm_act(module: nn.Module, path: str, options: ConversionOptions) -> Decision:
+    if options.norm == "bcn":
+        return bcn.with_notes(_norm_decision(module, path, options, "BatchChannelNormAct"), module, path, options)
     return _norm_decision(module, path, options, "GroupNormAct")
 
 
@@ -301,10 +305,14 @@ def _plain_group_norm(channels: int, groups: int, **kwargs) -> nn.GroupNorm:
 
 
 def _batchnorm_to_groupnorm(norm: nn.Module, decision: Decision, options: ConversionOptions) -> nn.Module:
+    if options.norm == "bcn":
+        return bcn.from_batchnorm(norm, decision.groups, decision.eps, options.bcn_estimate)
     return _group_norm(norm, decision, _plain_group_norm)
 
 
 def _norm_act_to_group_norm_act(norm: nn.Module, decision: Decision, options: ConversionOptions) -> nn.Module:
+    if options.norm == "bcn":
+        return bcn.from_batchnorm(norm, decision.groups, decision.eps, options.bcn_estimate, act=True)
     from timm.layers import GroupNormAct  # the model holds a timm module, so timm is importable
 
     gn = _group_norm(norm, decision, GroupNormAct)
@@ -316,6 +324,12 @@ def _norm_act_to_group_norm_act(norm: nn.Module, decision: Decision, options: Co
 # --- the table ----------------------------------------------------------------------------------
 
 RULES: list[Rule] = [
+    Rule(
+        "BatchNorm part of a BatchChannelNorm",
+        matches=bcn.is_batch_channel_part,
+        decide=lambda m, p, o: _skip("the BatchNorm part of a BatchChannelNorm (already converted)"),
+        apply=lambda m, d, o: m,
+    ),
     Rule(
         "timm standardized conv",
         matches=lambda m: _is_instance(m, _timm_standardized_convs()),

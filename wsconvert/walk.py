@@ -220,7 +220,12 @@ def build_report(steps: Sequence[Step], options: ConversionOptions) -> Conversio
         if decision.groups is not None and decision.groups != options.gn:
             report.group_fallbacks.append(GroupFallback(path, decision.channels, options.gn, decision.groups))
         report.notes.extend(decision.notes)
-    if replaced:
+    if replaced and options.norm == "bcn":
+        report.notes.append(
+            "replaced BatchNorm layers are kept, running statistics included, as the `bn` part of their "
+            "BatchChannelNorm; the new per-group affine starts at weight 1, bias 0"
+        )
+    elif replaced:
         report.notes.append(
             "running statistics (running_mean, running_var, num_batches_tracked) of replaced BatchNorm layers "
             "are dropped: GroupNorm normalizes each sample with its own statistics"
