@@ -49,15 +49,18 @@ def test_no_grad_reuses_the_same_tensor_while_w_is_unchanged():
     assert_close(first, fresh(conv), rtol=0, atol=0)
 
 
-def test_inference_mode_reuses_its_own_result_and_does_not_leak_it():
+def test_inference_mode_fills_a_normal_tensor_that_serves_both_modes():
+    """An inference tensor has no version counter (in-place edits of it could not be seen) and must not leak
+    out of inference mode: the cache is filled with a normal tensor, which serves no_grad reads as well."""
     conv = ws_conv()
     with torch.inference_mode():
         first = conv.weight
         assert conv.weight is first
-        assert first.is_inference()
-    outside = cached_weight(conv)  # a normal tensor again, computed outside inference mode
-    assert not outside.is_inference()
-    assert_close(outside, first, rtol=0, atol=0)
+        assert not first.is_inference()
+        assert first.grad_fn is None
+    outside = cached_weight(conv)
+    assert outside is first
+    assert_close(outside, fresh(conv), rtol=0, atol=0)
     # and a later training forward can save it for backward (inference tensors could not be)
     conv(torch.randn(1, 4, 5, 5)).sum().backward()
     assert original(conv).grad is not None

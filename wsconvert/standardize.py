@@ -27,8 +27,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from .errors import InvalidOptionError, UnsupportedModuleError
+from .errors import InvalidOptionError, UnsupportedModuleError, WSConvertError
 from .fsdp import fsdp2_in_use
 
 __all__ = [
@@ -284,12 +285,22 @@ class WeightStandardization(nn.Module):
         cached = self.cached_result(weight)
         if cached is not None:
             return cached
+        if _inference_mode() and not weight.is_inference():
+            # Fill with a normal tensor: it serves later no_grad reads too, and in-place edits of it bump a
+            # version counter the key checks (inference tensors have none).
+            with torch.inference_mode(False), torch.no_grad():
+                return self.forward(weight)
         result = self.adapt(
             standardize_weight(weight, self.eps, self.style, transposed=self.transposed, groups=self.groups)
         )
+        if weight.is_inference():
+            # W was made under inference mode: it has no version counter, so an in-place edit of it inside
+            # inference mode could not be seen. Never cached.
+            self._cached = None
+            return result
         # Holding an alias of W keeps its storage alive, so its address cannot be reused by another tensor
         # (the same holds for gain/shift, aliased in their key).
-        self._cached = (_cache_key(weight), weight.detach(), result, self._affine_key())
+        self._cached = (_cache_key(weight, result), weight.detach(), result, self._affine_key())
         return result
 
     def cached_result(self, weight: Tensor) -> Tensor | None:
@@ -305,7 +316,7 @@ class WeightStandardization(nn.Module):
             or not self.cache
             or (weight.requires_grad and _grad_enabled())
             or fsdp2_in_use()
-            or cached[0] != _cache_key(weight)
+            or cached[0] != _cache_key(weight, cached[2])
             or (cached[3] is not None and cached[3] != self._affine_key())
         ):
             return None
@@ -335,7 +346,34 @@ class WeightStandardization(nn.Module):
         self._cached = None
 
     def clear_cache(self) -> None:
+        """Drop this parametrization's cached W_hat (e.g. after editing W through ``W.data``)."""
         self._cached = None
+
+    @staticmethod
+    def invalidate_all_caches() -> None:
+        """Invalidate the cached W_hat of every WeightStandardization in the process, in O(1).
+
+        For updates that neither bump W's version counter nor run a ``torch.optim.Optimizer`` step: ``.data``
+        edits, optimizers that are not ``torch.optim.Optimizer`` subclasses and write W with fused kernels,
+        replays of a captured CUDA graph. Each cache is refilled at its next no_grad read.
+        """
+        _new_generation()
+
+    def right_inverse(self, value: Tensor) -> Tensor:
+        """``conv.weight = X`` makes X the trained weight W itself (identity), as ``load_state_dict`` of a plain
+        checkpoint does; reading ``conv.weight`` afterwards gives WS(X), not X.
+
+        W stays the same Parameter (optimizers keep tracking it). convert_model's property setter
+        (wsconvert.cached_weight) first checks X against W's shape, dtype and device, then copies X into W; on a
+        parametrization registered by hand, parametrize ``set_``s W onto X's data instead. Clears the cache.
+        """
+        if not isinstance(value, Tensor):
+            raise WSConvertError(
+                f"cannot assign a {type(value).__name__} to a weight-standardized conv weight: assign a tensor "
+                "shaped like the conv's weight (it becomes the trained weight W; reading conv.weight gives WS(W))"
+            )
+        self._cached = None
+        return value
 
     def __prepare_scriptable__(self) -> WeightStandardization:
         """Refuse ``torch.jit.script``, which calls this on every submodule (torch/jit/_script.py).
@@ -377,12 +415,34 @@ _grad_enabled = torch.is_grad_enabled
 _inference_mode = torch.is_inference_mode_enabled
 
 
-def _cache_key(weight: Tensor) -> tuple:
-    """What identifies W's current value: its address (data_ptr), version counter (bumped by optimizer steps,
-    ``load_state_dict`` and in-place edits), dtype, and whether inference mode is on (inference tensors must
-    not leak out of it). Device, shape and stride moves go through ``_apply`` (which clears the cache) or give
-    W new memory; the cache holds an alias of W, so its address cannot be reused meanwhile."""
-    return (weight.data_ptr(), weight._version, weight.dtype, _inference_mode())
+# The optimizer-step generation: part of every cache key, bumped before and after each torch.optim.Optimizer
+# step (global step hooks, registered below). Fused optimizer kernels (fused=True in SGD, Adam, AdamW, Adagrad)
+# and compiled steps write W without bumping its version counter; a new generation invalidates every cache.
+_generation = 0
+
+
+def _new_generation(*_hook_args: object) -> None:
+    global _generation
+    _generation += 1
+
+
+register_optimizer_step_pre_hook(_new_generation)  # also covers a step that fails halfway
+register_optimizer_step_post_hook(_new_generation)  # also covers closures (LBFGS) that read W during the step
+
+
+def _cache_key(weight: Tensor, result: Tensor) -> tuple:
+    """What identifies a cached W_hat as current: W's address (data_ptr), version counter (bumped by in-place
+    edits, ``load_state_dict``, foreach and for-loop optimizer steps) and dtype, the version counter of the
+    cached W_hat itself (bumped when someone edits the tensor ``conv.weight`` returned), and the optimizer-step
+    generation (fused steps). Plain Python ints and a dtype: no device sync. Device, shape and stride moves go
+    through ``_apply`` (which clears the cache) or give W new memory; the cache holds an alias of W, so its
+    address cannot be reused meanwhile. An inference tensor W has no version counter: it gets None, which never
+    matches (such a W is never cached)."""
+    try:
+        version = weight._version
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        version = None
+    return (weight.data_ptr(), version, weight.dtype, result._version, _generation)
 
 
 def _in_graph_capture() -> bool:
