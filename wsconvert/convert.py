@@ -189,7 +189,14 @@ def _convert(
     calibration_data: object,
 ) -> tuple[nn.Module, Fidelity | None]:
     """convert_model's work, also returning the fidelity measured on the calibration data (preserve.finish)."""
+    if torch.is_inference_mode_enabled():
+        # The tensors a conversion makes (the deep copy, new GroupNorm parameters) would be inference tensors
+        # there, which can never be trained: convert outside inference mode.
+        with torch.inference_mode(False):
+            return _convert(model, options, inplace, example_inputs, input_shape, calibration_data)
     plan(_check_model(model), options)  # raises on unconvertible modules before anything is copied
+    if inplace:
+        _refuse_inference_tensors(model)
     batches = calibration_batches(calibration_data, preserve=options.preserve)
     example = resolve_example_inputs(model, example_inputs, input_shape)
     probe = probe_unnormalized(model, example) if options.skip_unnormalized else None
@@ -205,6 +212,18 @@ def _convert(
     if options.preserve:
         preserve_batch_channel_norms(converted, steps)  # data-free group affines (wsconvert.bcn)
     return converted, finish(converted, steps, options, reference, batches)
+
+
+def _refuse_inference_tensors(model: nn.Module) -> None:
+    """In-place conversion rewrites the model's own tensors (parametrize ``set_``s each conv weight), which torch
+    forbids for inference tensors outside inference mode; a copy gets normal tensors."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_inference():
+            raise UnsupportedModuleError(
+                f"{name!r} is an inference tensor (the model was built or loaded under torch.inference_mode), so "
+                "the model cannot be converted in place; convert a copy (inplace=False, the default: the copy gets "
+                "normal tensors, which can also be trained), or build the model outside inference mode"
+            )
 
 
 def _planned(model: nn.Module, options: ConversionOptions, example: object, probe: ProbeResult | None) -> list[Step]:
