@@ -12,6 +12,10 @@ Three variants start from the same initial weights for each seed:
 - ``gn``:    ``wsconvert.convert_model(model, gn=G, exclude=<every conv path>)``: BatchNorm -> GroupNorm
              only, the convs left plain (exclude patterns are exact conv paths, so only the norms match);
 - ``gn_ws``: ``wsconvert.convert_model(model, gn=G)``: GroupNorm and WS on every conv.
+- ``bcn_ws``: ``wsconvert.convert_model(model, gn=G, norm="bcn")``: Batch-Channel Normalization (the trained
+             BatchNorm, then GroupNorm(G) with a per-group affine) and WS, the paper's method;
+- ``bcn_est_ws``: the same with ``bcn_estimate=r`` (the BatchNorm part always normalizes with running
+             estimates updated at rate r, the authors' EstBN for micro-batches; ``--bcn-estimate``).
 
 Each is trained at every batch size for the same number of epochs (same number of samples seen), with
 SGD + momentum and a per-step cosine schedule. Learning rate rule (linear scaling, Goyal et al. 2017,
@@ -43,8 +47,15 @@ from torch import nn
 
 import wsconvert
 
-NORMS = ("bn", "gn", "gn_ws")
-NORM_LABELS = {"bn": "BatchNorm", "gn": "GroupNorm", "gn_ws": "GroupNorm + WS"}
+NORMS = ("bn", "gn", "gn_ws", "bcn_ws", "bcn_est_ws")
+NORM_LABELS = {
+    "bn": "BatchNorm",
+    "gn": "GroupNorm",
+    "gn_ws": "GroupNorm + WS",
+    "bcn_ws": "BCN + WS",
+    "bcn_est_ws": "BCN (est.) + WS",
+}
+DEFAULT_BCN_ESTIMATE = 0.01
 
 
 @dataclass
@@ -67,6 +78,7 @@ class Config:
     threads: int = 1
     quick: bool = False
     norms: tuple[str, ...] = field(default=NORMS)
+    bcn_estimate: float = DEFAULT_BCN_ESTIMATE
 
     def lr_for(self, batch_size: int) -> float:
         """Learning rate for ``batch_size``: linear scaling rule, or the base rate unchanged."""
@@ -142,8 +154,10 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def build_variant(base: nn.Module, norm: str, groups: int) -> tuple[nn.Module, dict | None]:
-    """A copy of ``base`` with ``norm`` ("bn", "gn" or "gn_ws") and the wsconvert report (None for "bn")."""
+def build_variant(
+    base: nn.Module, norm: str, groups: int, bcn_estimate: float = DEFAULT_BCN_ESTIMATE
+) -> tuple[nn.Module, dict | None]:
+    """A copy of ``base`` with ``norm`` (one of NORMS) and the wsconvert report (None for "bn")."""
     if norm == "bn":
         return copy.deepcopy(base), None
     if norm == "gn":
@@ -152,6 +166,10 @@ def build_variant(base: nn.Module, norm: str, groups: int) -> tuple[nn.Module, d
         options = {"gn": groups, "exclude": conv_paths}
     elif norm == "gn_ws":
         options = {"gn": groups}
+    elif norm == "bcn_ws":
+        options = {"gn": groups, "norm": "bcn"}
+    elif norm == "bcn_est_ws":
+        options = {"gn": groups, "norm": "bcn", "bcn_estimate": bcn_estimate}
     else:
         raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
     report = wsconvert.plan_conversion(base, **options)
@@ -162,11 +180,14 @@ def build_variant(base: nn.Module, norm: str, groups: int) -> tuple[nn.Module, d
 
 def _check_variant(model: nn.Module, norm: str) -> None:
     """Fail loudly if a variant is not what its name says (guards the comparison itself)."""
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        raise RuntimeError(f"{norm}: a BatchNorm layer is left after conversion")
+    kept = {id(m.bn) for m in model.modules() if isinstance(m, wsconvert.BatchChannelNorm)}
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in kept for m in model.modules()):
+        raise RuntimeError(f"{norm}: a BatchNorm layer is left after conversion (outside a BatchChannelNorm)")
+    if norm.startswith("bcn") and not kept:
+        raise RuntimeError(f"{norm}: no BatchChannelNorm after conversion")
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     standardized = [wsconvert.is_standardized(m) for m in convs]
-    expected = norm == "gn_ws"
+    expected = norm.endswith("_ws")
     if not all(s == expected for s in standardized):
         raise RuntimeError(f"{norm}: {sum(standardized)} of {len(convs)} convs standardized, expected {expected}")
 
@@ -285,7 +306,7 @@ def run(config: Config, log=print) -> dict:
         for batch_size in config.batch_sizes:
             lr = config.lr_for(batch_size)
             for norm in config.norms:
-                model, report = build_variant(base, norm, config.groups)
+                model, report = build_variant(base, norm, config.groups, config.bcn_estimate)
                 reports[norm] = report
                 torch.manual_seed(seed)
                 result = train_one(model, data, batch_size, lr, config, seed)
@@ -358,8 +379,23 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, Path, Path]:
     parser.add_argument("--base-lr", type=float, default=0.1, help="learning rate at --ref-batch (default 0.1)")
     parser.add_argument("--ref-batch", type=int, default=32, help="batch size that gets --base-lr (default 32)")
     parser.add_argument("--lr-scaling", choices=("linear", "none"), default="linear")
+    parser.add_argument(
+        "--train-subset",
+        type=int,
+        default=None,
+        help="use only the first N training images (default all; 256 with --quick)",
+    )
+    parser.add_argument(
+        "--norms", nargs="+", choices=NORMS, default=list(NORMS), help="variants to train (default all)"
+    )
+    parser.add_argument(
+        "--bcn-estimate",
+        type=float,
+        default=DEFAULT_BCN_ESTIMATE,
+        help=f"rate r of the estimated BatchNorm in bcn_est_ws (default {DEFAULT_BCN_ESTIMATE})",
+    )
     args = parser.parse_args(argv)
-    for name in ("seeds", "epochs", "threads", "width", "groups", "ref_batch"):
+    for name in ("seeds", "epochs", "threads", "width", "groups", "ref_batch", "train_subset"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -367,6 +403,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, Path, Path]:
         parser.error(f"--batch-sizes must all be >= 1, got {args.batch_sizes}")
     if args.base_lr <= 0:
         parser.error(f"--base-lr must be > 0, got {args.base_lr}")
+    if not 0 < args.bcn_estimate <= 1:
+        parser.error(f"--bcn-estimate must be in (0, 1], got {args.bcn_estimate}")
     config = Config(
         seeds=args.seeds or (1 if args.quick else 3),
         epochs=args.epochs or (3 if args.quick else 12),
@@ -376,9 +414,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, Path, Path]:
         base_lr=args.base_lr,
         ref_batch=args.ref_batch,
         lr_scaling=args.lr_scaling,
-        train_subset=256 if args.quick else None,
+        train_subset=args.train_subset or (256 if args.quick else None),
         threads=args.threads,
         quick=args.quick,
+        norms=tuple(dict.fromkeys(args.norms)),
+        bcn_estimate=args.bcn_estimate,
     )
     return config, args.out, args.png or args.out / "microbatch.png"
 

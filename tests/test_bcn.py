@@ -512,3 +512,48 @@ def test_preserve_sets_the_data_free_group_affine_on_every_converted_bcn() -> No
     assert not torch.equal(converted.norm.weight, torch.ones(1, 4, 1))
     plain = wsconvert.convert_model(original, gn=4, norm="bcn")
     torch.testing.assert_close(plain.norm.weight, torch.ones(1, 4, 1))
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def _cli(*args: object) -> object:
+    from click.testing import CliRunner
+
+    from wsconvert.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], prog_name="wsconvert")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cli_norm_bcn_output_loads_strictly_into_the_converted_architecture(tmp_path, mode: str) -> None:
+    source = tmp_path / "resnet18.pt"
+    torch.save(_randomize_norms(torchvision.models.resnet18(num_classes=10)).state_dict(), source)
+    estimate = [] if MODES[mode] is None else ["--bcn-estimate", MODES[mode]]
+    result = _cli(source, "--arch", "torchvision:resnet18", "--arch-kwargs", '{"num_classes": 10}', "--gn", 8,
+                  "--norm", "bcn", *estimate)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    state = torch.load(tmp_path / "resnet18.ws.pt", weights_only=True)
+    model = wsconvert.convert_model(
+        torchvision.models.resnet18(num_classes=10), gn=8, norm="bcn", bcn_estimate=MODES[mode]
+    )
+    model.load_state_dict(state, strict=True)
+    assert state["layer1.0.bn1.weight"].shape == (1, 8, 1)
+    assert ("layer1.0.bn1.bn.estbn_moving_speed" in state) is (mode == "estimated")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--gn", 8, "--norm", "bcn", "--bcn-estimate", 0], "bcn_estimate=0.0 must be a rate r with 0 < r <= 1"),
+        (["--norm", "bcn"], "pass gn=G as well"),
+        (["--gn", 8, "--bcn-estimate", 0.1], "pass norm='bcn'"),
+    ],
+)
+def test_cli_bad_bcn_options_are_one_error_line_and_no_output(tmp_path, args: list, message: str) -> None:
+    source = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), source)
+    result = _cli(source, "--arch", "torchvision:resnet18", "--arch-kwargs", '{"num_classes": 10}', *args)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: ") and message in result.stderr and len(result.stderr.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resnet18.pt"]
