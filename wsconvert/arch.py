@@ -25,6 +25,16 @@ __all__ = ["Architecture", "resolve_arch", "arch_from_checkpoint"]
 
 _PREFIXES = ("torchvision", "timm")
 
+# What importing, reading and calling user code (``--arch package.module:callable``) may raise and is reported
+# as one ArchitectureError: any Exception, and SystemExit (a script that parses sys.argv or calls exit() when
+# imported). KeyboardInterrupt is not caught: Ctrl-C stays Ctrl-C (the CLI prints ``Aborted!``).
+USER_CODE_ERRORS: tuple[type[BaseException], ...] = (Exception, SystemExit)
+
+
+def _first_line(error: BaseException) -> str:
+    message = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
+
 
 @dataclass
 class Architecture:
@@ -46,7 +56,7 @@ class Architecture:
                 model = self.factory(**self.kwargs)
             if isinstance(model, nn.Module):
                 return model
-        except Exception as error:  # constructors that compute with tensor values cannot run on meta
+        except USER_CODE_ERRORS as error:  # constructors that compute with tensor values cannot run on meta
             note = f"{self.spec} could not be built on the meta device ({type(error).__name__}); built on the CPU"
             if note not in self.notes:
                 self.notes.append(note)
@@ -55,11 +65,10 @@ class Architecture:
     def _call(self) -> nn.Module:
         try:
             model = self.factory(**self.kwargs)
-        except Exception as error:  # user and library constructors can raise anything
-            message = str(error).strip().splitlines()
-            detail = f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
+        except USER_CODE_ERRORS as error:  # user and library constructors can raise anything
             raise ArchitectureError(
-                f"building {self.spec} with arch kwargs {self.kwargs} failed ({detail}); check --arch-kwargs"
+                f"building {self.spec} with arch kwargs {self.kwargs} failed ({_first_line(error)}); "
+                "check --arch-kwargs"
             ) from None
         if not isinstance(model, nn.Module):
             raise ArchitectureError(
@@ -120,22 +129,50 @@ def _timm(name: str, kwargs: dict[str, Any]) -> Callable[..., Any]:
 
 
 def _callable(spec: str) -> Callable[..., Any]:
+    """Import ``package.module`` and look up ``callable`` (dotted attributes allowed) of ``package.module:callable``.
+
+    Importing runs the module's code: whatever it raises (USER_CODE_ERRORS) becomes one ArchitectureError
+    naming the module and the exception's type and first line.
+    """
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         raise ArchitectureError(
             f"--arch {spec!r} is not a spec; use torchvision:NAME, timm:NAME or package.module:callable"
         )
+    if module_name.startswith("."):
+        raise ArchitectureError(
+            f"--arch {spec!r}: {module_name!r} is a relative module name, which has no package to be relative to; "
+            "give the absolute module path, e.g. package.module:callable"
+        )
+    if "/" in module_name or "\\" in module_name or module_name.endswith(".py"):
+        raise ArchitectureError(
+            f"--arch {spec!r}: {module_name!r} is a file path; give the module's dotted name (e.g. models.resnet "
+            "for models/resnet.py), importable from the current directory or PYTHONPATH"
+        )
     try:
         target: Any = importlib.import_module(module_name)
     except ImportError as error:
         raise ArchitectureError(f"--arch {spec!r}: cannot import {module_name!r} ({error})") from None
+    except USER_CODE_ERRORS as error:
+        raise ArchitectureError(
+            f"--arch {spec!r}: importing {module_name!r} failed ({_first_line(error)}); fix the module or pick "
+            "another --arch"
+        ) from None
     for part in attribute.split("."):
         try:
             target = getattr(target, part)
         except AttributeError:
             raise ArchitectureError(f"--arch {spec!r}: {module_name} has no attribute {attribute!r}") from None
+        except USER_CODE_ERRORS as error:  # a module-level __getattr__ or a property
+            raise ArchitectureError(
+                f"--arch {spec!r}: reading {attribute!r} of {module_name} failed ({_first_line(error)})"
+            ) from None
     if not callable(target):
-        raise ArchitectureError(f"--arch {spec!r}: {attribute} is a {type(target).__name__}, not a callable")
+        kind = type(target).__name__
+        raise ArchitectureError(
+            f"--arch {spec!r}: {attribute} is {'an' if kind[:1] in 'aeiou' else 'a'} {kind}, not a callable; "
+            "point --arch at a function or class that returns the model"
+        )
     return target
 
 

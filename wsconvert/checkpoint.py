@@ -23,11 +23,15 @@ import argparse
 import contextlib
 import ctypes
 import ctypes.util
+import errno
+import functools
 import json
 import os
 import pickle
 import re
 import secrets
+import signal
+import stat
 import struct
 import sys
 import types
@@ -42,7 +46,7 @@ import torch
 from torch import nn
 
 from .archive import inspect_zip
-from .errors import CheckpointError
+from .errors import CheckpointError, caused_by
 
 __all__ = [
     "INFO_KEY",
@@ -133,20 +137,104 @@ class Loaded:
 # --- reading -------------------------------------------------------------------------------------
 
 
-def _check_input(path: Path) -> int:
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory; give the checkpoint file inside it")
+_SPECIAL_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def not_a_regular_file(path: str | os.PathLike) -> str | None:
+    """What ``path`` is when it is not a regular file once symlinks are followed, or None for a regular file.
+
+    Without opening anything: "missing", "a dangling symlink (to ...)", "a symlink loop", "a directory",
+    "a FIFO (named pipe)", "a socket", "a character device", "a block device" or "inaccessible (<stat error>)".
+    """
     try:
-        size = path.stat().st_size
-        with open(path, "rb"):
-            pass
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "a symlink loop"
+        if error.errno == errno.ENOENT and os.path.islink(path):
+            return f"a dangling symlink (to {os.readlink(path)})"
+        if error.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "missing"
+        return f"inaccessible ({error.strerror or error})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return next((kind for test, kind in _SPECIAL_KINDS if test(mode)), "not a regular file")
+
+
+def check_input(path: Path) -> int:
+    """The size of the regular file at ``path``; CheckpointError for anything else, before reading a byte.
+
+    FIFOs, sockets and devices are refused without being opened (opening a FIFO blocks until a writer
+    appears); the file is then opened non-blocking and checked again, so a name swapped meanwhile cannot
+    make the command hang.
+    """
+    kind = not_a_regular_file(path)
+    if kind == "missing":
+        raise CheckpointError(f"{path}: no such file")
+    if kind == "a directory":
+        raise CheckpointError(f"{path} is a directory; give the checkpoint file inside it")
+    if kind is not None and kind.startswith("inaccessible"):
+        raise CheckpointError(f"cannot read {path}: {kind[len('inaccessible (') : -1]}")
+    if kind is not None:
+        raise CheckpointError(f"{path} is {kind}, not a regular file; give a checkpoint file")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        try:
+            status = os.fstat(fd)
+        finally:
+            os.close(fd)
     except OSError as error:
         raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
-    if size == 0:
+    if not stat.S_ISREG(status.st_mode):
+        raise CheckpointError(f"{path} was replaced by something that is not a regular file while opening it")
+    if status.st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes); it is not a checkpoint")
-    return size
+    return status.st_size
+
+
+_check_input = check_input  # the name sniff() calls
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """A file's device, inode, size and modification time: tells whether another process changed it."""
+
+    path: Path
+    key: tuple[int, int, int, int]
+
+    @classmethod
+    def of(cls, path: str | os.PathLike) -> FileIdentity | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return cls(Path(path), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+
+    def change(self) -> str | None:
+        """How the file changed since this identity was taken ("truncated to 100 bytes", ...), or None."""
+        now = FileIdentity.of(self.path)
+        if now is None:
+            return "removed"
+        if now.key == self.key:
+            return None
+        if now.key[:2] != self.key[:2]:
+            return "replaced by another file"
+        if now.key[2] != self.key[2]:
+            return f"{'truncated' if now.key[2] < self.key[2] else 'grown'} to {now.key[2]} bytes (was {self.key[2]})"
+        return "modified"
+
+    def changed_error(self, change: str) -> CheckpointError:
+        return CheckpointError(
+            f"input {self.path} changed while converting ({change}, by another process?); nothing was written, "
+            "rerun once the file is complete"
+        )
 
 
 def _is_safetensors(head: bytes, size: int) -> bool:
@@ -414,57 +502,207 @@ def _fsync_directory(directory: Path) -> None:
             os.close(fd)
 
 
+def _replaceable(kind: str | None) -> bool:
+    """Whether an output name of this kind (:func:`not_a_regular_file`) may become the written file."""
+    return kind is None or kind.startswith(("missing", "a dangling symlink", "a symlink loop"))
+
+
+def _name_max(directory: Path) -> int:
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no such directory yet
+        return 255
+
+
 def check_output_target(path: Path, *, force: bool) -> None:
-    """Fail early for an existing output (without ``force``) or a missing / unwritable directory."""
-    if path.is_dir():
+    """Fail early for an output that is not a regular file, that exists (without ``force``), whose name is too
+    long for its filesystem, or whose directory is missing or unwritable.
+
+    Directories, FIFOs, sockets and devices (also behind a symlink) are refused even with ``force``:
+    replacing one with a regular file is never what ``-o`` meant.
+    """
+    name_max = _name_max(path.parent)
+    if len(os.fsencode(path.name)) > name_max:
+        raise CheckpointError(
+            f"output name {path.name[:40]}... is {len(os.fsencode(path.name))} bytes, longer than the "
+            f"{name_max} its filesystem allows; pick a shorter -o"
+        )
+    kind = not_a_regular_file(path)
+    if kind == "a directory":
         raise CheckpointError(f"output {path} is a directory; give a file name")
-    if path.exists() and not force:
+    if not _replaceable(kind):
+        raise CheckpointError(f"output {path} is {kind}; wsconvert writes only regular files, pick another -o")
+    if os.path.lexists(path) and not force:
         raise CheckpointError(f"output {path} already exists; pass --force to overwrite it or -o to pick another name")
     directory = path.parent
-    if not directory.is_dir():
+    directory_kind = not_a_regular_file(directory)
+    if directory_kind == "missing":
         raise CheckpointError(f"output directory {directory} does not exist; create it first")
+    if directory_kind != "a directory":
+        raise CheckpointError(f"output directory {directory} is {directory_kind or 'a file'}, not a directory")
     if not os.access(directory, os.W_OK | os.X_OK):
         raise CheckpointError(f"output directory {directory} is not writable; pick another with -o")
 
 
+def _temp_path(path: Path) -> Path:
+    """``.<name>.<random>.tmp`` beside ``path``, the name shortened so that it fits the filesystem's NAME_MAX."""
+    suffix = f".{secrets.token_hex(8)}.tmp"
+    budget = _name_max(path.parent) - len(suffix) - 1
+    name = path.name
+    while name and len(os.fsencode(name)) > budget:
+        name = name[:-1]
+    return path.parent / f".{name}{suffix}"
+
+
+def _write_failure(path: Path, error: BaseException, source: FileIdentity | None) -> BaseException:
+    """What a failure while writing ``path`` becomes: one CheckpointError line, or KeyboardInterrupt for Ctrl-C.
+
+    torch's zip writer re-raises a failing ``write()`` (ENOSPC, EIO, Ctrl-C) as a RuntimeError whose context is
+    the original; safetensors reports ``I/O error: ... (os error 28)``. A failure after the input changed (a
+    truncated memory-mapped input makes reads fail with EFAULT) is reported as that change. Any other exception
+    is returned as it is (a bug, or a library error that the caller words).
+    """
+    if caused_by(error, KeyboardInterrupt):
+        return error if isinstance(error, KeyboardInterrupt) else KeyboardInterrupt()
+    change = source.change() if source is not None else None
+    if change is not None:
+        return source.changed_error(change)
+    if isinstance(error, CheckpointError):
+        return error
+    os_error = caused_by(error, OSError)
+    if isinstance(os_error, OSError):
+        return CheckpointError(f"cannot write {path}: {os_error.strerror or _first_line(os_error)}")
+    os_code = re.search(r"os error (\d+)", str(error))
+    if os_code:
+        return CheckpointError(f"cannot write {path}: {os.strerror(int(os_code.group(1)))}")
+    if isinstance(error, RuntimeError) and _TORCH_WRITER_FAILURE.search(str(error)):
+        return CheckpointError(f"cannot write {path}: {_first_line(error)}")
+    return error
+
+
+# torch's zip writer (caffe2/serialize/inline_container.cc) when the stream under it failed.
+_TORCH_WRITER_FAILURE = re.compile(r"PytorchStreamWriter|inline_container|basic_ios|file write failed")
+
+
+_SIGBUS_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_int)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc_signal() -> Callable | None:
+    """libc's ``signal()`` (POSIX with SIGBUS), looked up once: find_library may run ``ldconfig``."""
+    libc_name = ctypes.util.find_library("c") if hasattr(signal, "SIGBUS") and os.name == "posix" else None
+    if libc_name is None:
+        return None
+    try:
+        libc_signal = ctypes.CDLL(libc_name).signal
+    except (OSError, AttributeError):
+        return None
+    libc_signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc_signal.restype = ctypes.c_void_p
+    return libc_signal
+
+
+def _remove_workdir(workdir: str | bytes | os.PathLike) -> None:
+    """Remove the private temporary directory of a write and what it holds (no subdirectories; only syscalls,
+    so the SIGBUS handler can use it too)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(workdir):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(workdir, name))
+        os.rmdir(workdir)
+
+
 @contextlib.contextmanager
-def write_atomic(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+def _exit_on_sigbus(workdir: Path, source: FileIdentity | None) -> Iterator[None]:
+    """While writing from a memory-mapped input: if another process truncates it, exit with one line, not a crash.
+
+    Reading a page of a mapping beyond the file's new end raises SIGBUS, which Python cannot turn into an
+    exception (the faulting read would repeat forever). This C-level handler removes the temporary directory,
+    prints ``Error: input ... changed while converting`` and ends the process with exit code 1.
+    POSIX only; elsewhere a no-op.
+    """
+    libc_signal = _libc_signal() if source is not None else None
+    if libc_signal is None:
+        yield
+        return
+    clear = "\r\x1b[K" if os.isatty(2) else ""
+    message = f"{clear}Error: {source.changed_error('truncated under its memory map: SIGBUS')}\n".encode()
+    workdir_name = os.fsencode(workdir)
+
+    def handler(signum: int) -> None:  # pragma: no cover - runs in a child process that it ends
+        _remove_workdir(workdir_name)
+        os.write(2, message)
+        os._exit(1)
+
+    c_handler = _SIGBUS_HANDLER(handler)
+    previous = libc_signal(signal.SIGBUS, ctypes.cast(c_handler, ctypes.c_void_p))
+    try:
+        yield
+    finally:
+        libc_signal(signal.SIGBUS, previous)
+
+
+@contextlib.contextmanager
+def write_atomic(path: str | os.PathLike, *, force: bool = False, source: FileIdentity | None = None) -> Iterator[Path]:
     """Yield a temporary path in ``path``'s directory; on success fsync it and rename it to ``path``.
 
-    On any failure or interruption (KeyboardInterrupt included) the temporary file is removed and
-    ``path`` is untouched. Without ``force`` an existing ``path`` is never replaced, not even one that
-    appeared while writing (the final step is a hard link, which fails if the name exists).
+    The temporary file lives in a private directory ``.<name>.<random>.tmp`` beside ``path`` (so that whatever
+    a writer adds there, e.g. safetensors' own temporary file, goes with it). On any failure or interruption
+    (KeyboardInterrupt included) that directory is removed and ``path`` is
+    untouched; failures to write (ENOSPC, EIO, ...) become one CheckpointError naming ``path`` and the
+    error's text (:func:`_write_failure`). Without ``force`` an existing ``path`` is never replaced, not even one
+    that appeared while writing (the final step is a hard link, which fails if the name exists). ``source``
+    is the input the data comes from: if it changes while writing, nothing is written (CheckpointError), and
+    a SIGBUS from its truncated memory map ends the process with one line (:func:`_exit_on_sigbus`).
     """
     path = Path(path)
     check_output_target(path, force=force)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    try:  # like open(..., "x"): mode 0o666 less the umask, unlike mkstemp's private 0o600
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    workdir = _temp_path(path)
+    tmp = workdir / path.name
+    try:
+        os.mkdir(workdir, 0o700)
     except OSError as error:
         raise CheckpointError(f"cannot write to {path.parent}: {error.strerror or error}") from None
     try:
-        yield tmp
+        # like open(..., "x"): mode 0o666 less the umask, unlike mkstemp's private 0o600
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        with _exit_on_sigbus(workdir, source):
+            try:
+                yield tmp
+            except BaseException as error:
+                failure = _write_failure(path, error, source)
+                if failure is error:
+                    raise
+                raise failure from None
+        change = source.change() if source is not None else None
+        if change is not None:
+            raise source.changed_error(change)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        if force:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise CheckpointError(f"output {path} appeared while writing; pass --force to overwrite it") from None
-            except OSError:  # filesystems without hard links: fall back to a checked rename
-                if path.exists():
-                    raise CheckpointError(
-                        f"output {path} appeared while writing; pass --force to overwrite it"
-                    ) from None
-                os.replace(tmp, path)
+        _publish(tmp, path, force)
         _fsync_directory(path.parent)
     except OSError as error:
         raise CheckpointError(f"cannot write {path}: {error.strerror or error}") from None
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        _remove_workdir(workdir)
+
+
+def _publish(tmp: Path, path: Path, force: bool) -> None:
+    """Give the written temporary file its final name (see :func:`write_atomic`)."""
+    if force:
+        kind = not_a_regular_file(path)  # again: a special file may have appeared while writing
+        if not _replaceable(kind):
+            raise CheckpointError(f"output {path} became {kind} while writing; nothing was written")
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise CheckpointError(f"output {path} appeared while writing; pass --force to overwrite it") from None
+    except OSError:  # filesystems without hard links: fall back to a checked rename
+        if os.path.lexists(path):
+            raise CheckpointError(f"output {path} appeared while writing; pass --force to overwrite it") from None
+        os.replace(tmp, path)
 
 
 # While writing, drop the input file's pages from this process every this many bytes (see release_mapped_pages).
@@ -584,30 +822,41 @@ def write_torch(
     force: bool = False,
     on_bytes: Callable[[int], None] | None = None,
     release: str | os.PathLike | None = None,
+    source: FileIdentity | None = None,
 ) -> None:
-    """``torch.save(obj)`` to ``path`` atomically (see :func:`write_atomic`).
+    """``torch.save(obj)`` to ``path`` atomically (see :func:`write_atomic`, also for ``source``).
 
     ``on_bytes`` is called with the number of bytes written so far; ``release`` names a memory-mapped
     input whose pages are dropped every RELEASE_EVERY_BYTES (:func:`release_mapped_pages`).
     """
-    with write_atomic(path, force=force) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, _Writer(f, on_bytes, release) if (on_bytes or release) else f)
+    with write_atomic(path, force=force, source=source) as tmp, open(tmp, "wb") as f:
+        # Always through _Writer: every write is a Python call, where Ctrl-C and failures surface at once.
+        torch.save(obj, _Writer(f, on_bytes, release))
     if release is not None:
         release_mapped_pages(release)
 
 
 def write_safetensors(
-    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str], *, force: bool = False
+    tensors: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: dict[str, str],
+    *,
+    force: bool = False,
+    source: FileIdentity | None = None,
 ) -> None:
-    """Write a safetensors file atomically; non-contiguous tensors are made contiguous first."""
+    """Write a safetensors file atomically (see :func:`write_atomic`); non-contiguous tensors are made contiguous
+    first. safetensors' own failures (e.g. tensors sharing memory, a full disk) become one CheckpointError."""
     from safetensors.torch import save_file
 
     flat = {k: (v if v.is_contiguous() else v.contiguous()) for k, v in tensors.items()}
-    with write_atomic(path, force=force) as tmp:
+    with write_atomic(path, force=force, source=source) as tmp:
         try:
             save_file(flat, str(tmp), metadata=metadata)
-        except (ValueError, RuntimeError) as error:  # e.g. tensors sharing memory
-            raise CheckpointError(f"cannot write safetensors file {path}: {_first_line(error)}") from None
+        except Exception as error:  # safetensors' own: SafetensorError (a full disk, ...), tensors sharing memory
+            failure = _write_failure(Path(path), error, source)
+            if failure is error:
+                failure = CheckpointError(f"cannot write safetensors file {path}: {_first_line(error)}")
+            raise failure from None
 
 
 def info_as_metadata(info: dict, metadata: Mapping[str, str]) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """The ``wsconvert`` command: a thin click layer over ``wsconvert.rewrite.convert_checkpoint``.
 
 Expected failures (a WSConvertError) become one ``Error: ...`` line on stderr and exit code 1; click
-reports usage errors with exit code 2.
+reports usage errors with exit code 2. Ctrl-C is click's ``Aborted!`` (exit 1) wherever it lands, also
+inside a library that re-raises it as its own error (torch's zip writer: a RuntimeError).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import WSConvertError
+from .errors import WSConvertError, caused_by
 from .rewrite import convert_checkpoint
 
 __all__ = ["main", "library_options"]
@@ -44,9 +45,6 @@ LIBRARY_OPTIONS = ("gn", "eps", "style", "include", "exclude", "skip_depthwise",
 def library_options(params: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments for convert_model / plan_conversion from the command's parameters."""
     options = {name: params[name] for name in LIBRARY_OPTIONS if name in params}
-    for name in ("norm", "bcn_estimate"):  # recorded only when given, so earlier outputs' option records stay
-        if params.get(name) is not None:
-            options[name] = params[name]
     for name in ("include", "exclude"):
         if name in options:
             options[name] = list(options[name]) or None
@@ -110,6 +108,11 @@ class _Progress:
         if self.enabled:
             click.echo(f"\r\x1b[Kdone in {time.monotonic() - self.start:.1f}s", err=True)
 
+    def clear(self) -> None:
+        """Erase the progress line, so that an error or ``Aborted!`` is the only text on it."""
+        if self.enabled:
+            click.echo("\r\x1b[K", err=True, nl=False)
+
 
 @click.command(
     # A fixed width keeps --help identical everywhere (the README embeds it, tests/test_cli_readme.py checks).
@@ -122,17 +125,6 @@ class _Progress:
 )
 @click.option(
     "--gn", type=click.IntRange(min=1), help="Replace BatchNorm with GroupNorm of G groups (largest divisor of C <= G)."
-)
-@click.option(
-    "--norm",
-    type=click.Choice(["gn", "bcn"]),
-    help="With --gn, what replaces BatchNorm: gn GroupNorm [default], bcn Batch-Channel Normalization.",
-)
-@click.option(
-    "--bcn-estimate",
-    metavar="R",
-    type=float,
-    help="With --norm bcn: estimated BatchNorm part, statistics updated at rate R (0 < R <= 1).",
 )
 @click.option(
     "--arch", metavar="SPEC", help="Model of a state dict: torchvision:NAME, timm:NAME or package.module:callable."
@@ -200,9 +192,15 @@ def main(**params: Any) -> None:  # noqa: D417 - click renders the options
             progress=progress.phase,
             on_bytes=progress.bytes if progress.enabled else None,
         )
-    except WSConvertError as error:
-        if progress.enabled:
-            click.echo("\r\x1b[K", err=True, nl=False)
+    except KeyboardInterrupt:
+        progress.clear()
+        raise
+    except Exception as error:
+        progress.clear()
+        if caused_by(error, KeyboardInterrupt):  # Ctrl-C that a library re-raised as its own error
+            raise KeyboardInterrupt from None
+        if not isinstance(error, WSConvertError):
+            raise  # a bug: keep the traceback
         raise click.ClickException(" ".join(str(error).split())) from None
     progress.done()
     if params["as_json"]:

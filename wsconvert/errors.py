@@ -11,6 +11,7 @@ __all__ = [
     "UnsupportedModuleError",
     "CheckpointError",
     "ArchitectureError",
+    "caused_by",
 ]
 
 
@@ -32,3 +33,21 @@ class CheckpointError(WSConvertError):
 
 class ArchitectureError(WSConvertError):
     """An architecture spec (torchvision:NAME, timm:NAME, module:callable) cannot be resolved."""
+
+
+def caused_by(
+    error: BaseException, kind: type[BaseException] | tuple[type[BaseException], ...]
+) -> BaseException | None:
+    """The first exception of type ``kind`` in ``error``'s chain (itself, then its cause or context), or None.
+
+    Libraries re-raise failures of Python callbacks as their own errors: torch's zip writer turns an OSError
+    or a KeyboardInterrupt inside ``write()`` into a RuntimeError whose ``__context__`` is the original.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ if current.__cause__ is not None else current.__context__
+    return None

@@ -339,9 +339,12 @@ def _jsonable(value: Any) -> Any:
 
 
 def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``b`` names the file ``a`` (the same path after symlinks, or the same inode: hard links)."""
+    if os.path.realpath(a) == os.path.realpath(b):  # never raises, also for symlink loops
+        return True
     try:
-        return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
-    except OSError:
+        return os.path.samefile(a, b)
+    except OSError:  # b (or a) does not exist or cannot be checked: not the same file
         return False
 
 
@@ -458,6 +461,8 @@ def convert_checkpoint(
     options = _jsonable(dict(options or {}))
     source = Path(input)
     target = Path(output) if output is not None else ckpt.default_output_path(source)
+    ckpt.check_input(source)  # before anything else: a FIFO, device or symlink loop is never opened
+    identity = ckpt.FileIdentity.of(source)  # if the input changes before the write ends, nothing is written
     if _same_file(source, target):
         raise CheckpointError(f"output {target} is the input file; wsconvert never modifies its input, pick another -o")
     if not dry_run:
@@ -476,7 +481,7 @@ def convert_checkpoint(
     fmt = "safetensors" if loaded.format == "safetensors" else "torch.save"
 
     if loaded.kind == "module":
-        return _convert_module(loaded, target, options, info, bake, dry_run, force, say, on_bytes)
+        return _convert_module(loaded, target, options, info, bake, dry_run, force, say, on_bytes, identity)
 
     architecture = _resolve(loaded, arch, arch_kwargs, notes)
     info |= {"arch": architecture.spec, "arch_kwargs": _jsonable(architecture.kwargs)}
@@ -525,13 +530,14 @@ def convert_checkpoint(
         return conversion
     say(f"writing {target}")
     if loaded.format == "safetensors":
-        ckpt.write_safetensors(rewritten[None], target, ckpt.info_as_metadata(info, loaded.metadata), force=force)
+        metadata = ckpt.info_as_metadata(info, loaded.metadata)
+        ckpt.write_safetensors(rewritten[None], target, metadata, force=force, source=identity)
     elif loaded.kind == "state_dict":
-        _write(rewritten[None], target, force, on_bytes, loaded)
+        _write(rewritten[None], target, force, on_bytes, loaded, identity)
     else:
         result_obj = {key: rewritten.get(key, value) for key, value in loaded.obj.items() if key not in info["dropped"]}
         result_obj[ckpt.INFO_KEY] = info
-        _write(result_obj, target, force, on_bytes, loaded)
+        _write(result_obj, target, force, on_bytes, loaded, identity)
     conversion.written = True
     return conversion
 
@@ -565,15 +571,18 @@ def _tensor_bytes(obj: Any) -> int:
 
 
 def _write(
-    obj: Any, target: Path, force: bool, on_bytes: Callable[[int, int], None] | None, loaded: ckpt.Loaded
+    obj: Any,
+    target: Path,
+    force: bool,
+    on_bytes: Callable[[int, int], None] | None,
+    loaded: ckpt.Loaded,
+    source: ckpt.FileIdentity | None,
 ) -> None:
     # A whole pickle's own code could have changed its tensors while unpickling: keep those pages.
     release = loaded.path if loaded.mmap and loaded.kind != "module" else None
-    if on_bytes is None:
-        ckpt.write_torch(obj, target, force=force, release=release)
-        return
-    total = _tensor_bytes(obj)
-    ckpt.write_torch(obj, target, force=force, on_bytes=lambda done: on_bytes(done, total), release=release)
+    total = _tensor_bytes(obj) if on_bytes is not None else 0
+    progress = (lambda done: on_bytes(done, total)) if on_bytes is not None else None
+    ckpt.write_torch(obj, target, force=force, on_bytes=progress, release=release, source=source)
 
 
 def _convert_module(
@@ -586,6 +595,7 @@ def _convert_module(
     force: bool,
     say: Callable[[str], None],
     on_bytes: Callable[[int, int], None] | None,
+    source: ckpt.FileIdentity | None,
 ) -> CheckpointConversion:
     module: nn.Module = loaded.obj
     arch = f"{type(module).__module__}.{type(module).__qualname__} (pickled)"
@@ -608,10 +618,11 @@ def _convert_module(
     if bake:
         model = bake_model(convert_model(module, **options, inplace=True), inplace=True)
         model._wsconvert_info = info
-        _write(model, target, force, on_bytes, loaded)
+        _write(model, target, force, on_bytes, loaded, source)
     else:
         # The original module and the rewritten state dict share their tensors: torch.save stores them once.
-        _write({ckpt.INFO_KEY: info, "module": module, "state_dict": state_dict}, target, force, on_bytes, loaded)
+        whole = {ckpt.INFO_KEY: info, "module": module, "state_dict": state_dict}
+        _write(whole, target, force, on_bytes, loaded, source)
     conversion.written = True
     return conversion
 
