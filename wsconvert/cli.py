@@ -45,6 +45,9 @@ LIBRARY_OPTIONS = ("gn", "eps", "style", "include", "exclude", "skip_depthwise",
 def library_options(params: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments for convert_model / plan_conversion from the command's parameters."""
     options = {name: params[name] for name in LIBRARY_OPTIONS if name in params}
+    for name in ("norm", "bcn_estimate"):  # recorded only when given, so earlier outputs' option records stay
+        if params.get(name) is not None:
+            options[name] = params[name]
     for name in ("include", "exclude"):
         if name in options:
             options[name] = list(options[name]) or None
@@ -125,6 +128,17 @@ class _Progress:
 )
 @click.option(
     "--gn", type=click.IntRange(min=1), help="Replace BatchNorm with GroupNorm of G groups (largest divisor of C <= G)."
+)
+@click.option(
+    "--norm",
+    type=click.Choice(["gn", "bcn"]),
+    help="With --gn, what replaces BatchNorm: gn GroupNorm [default], bcn Batch-Channel Normalization.",
+)
+@click.option(
+    "--bcn-estimate",
+    metavar="R",
+    type=float,
+    help="With --norm bcn: estimated BatchNorm part, statistics updated at rate R (0 < R <= 1).",
 )
 @click.option(
     "--arch", metavar="SPEC", help="Model of a state dict: torchvision:NAME, timm:NAME or package.module:callable."
