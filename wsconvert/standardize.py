@@ -216,15 +216,15 @@ class WeightStandardization(nn.Module):
     ``groups`` for ConvTranspose weights (``WeightStandardization.for_conv`` reads them from the module).
 
     When W cannot receive a gradient through this call (under ``torch.no_grad`` / inference mode, or a
-    frozen W), W_hat is cached and reused until W changes. The cache key is W's storage address,
-    version counter (bumped by optimizer steps, ``load_state_dict`` and any in-place edit), dtype and
-    inference mode; ``.to()`` / ``.half()`` / ``.cuda()`` clear it, and so does every
-    forward that records gradients, and every ``train()`` / ``eval()`` call. Edits through ``W.data``
-    (``p.data.mul_(...)``, legacy optimizers) get a fresh version counter from PyTorch and are not seen by
-    the key; the usual loop (train, then ``model.eval()``, then evaluate) still evaluates fresh weights
-    because ``eval()`` clears the cache. Code that rewrites W through ``.data`` while staying in eval mode
-    should call ``clear_cache()`` (or edit ``p`` itself under ``torch.no_grad()``); ``cache=False`` turns
-    caching off.
+    frozen W), W_hat is cached (always as a normal tensor) and reused until a read sees a different key: W's
+    storage address, version counter and dtype, the cached W_hat's own version counter (an in-place edit of the
+    tensor ``conv.weight`` returned is a miss), and the optimizer-step generation, bumped before and after
+    every ``torch.optim.Optimizer.step()`` (fused kernels do not bump W's version). ``.to()`` / ``.half()`` /
+    ``.cuda()``, every forward that records gradients, every ``train()`` / ``eval()`` call, ``clear_cache()``
+    and ``conv.weight = X`` clear it. Not seen: edits through ``.data`` or ``.numpy()`` (no version bump) and
+    writes by code that is neither an Optimizer step nor version-bumping (functional fused optimizers, CUDA
+    graph replays): call ``invalidate_all_caches()`` or ``clear_cache()`` after those; ``cache=False`` turns
+    caching off. A W that is an inference tensor is never cached. Full contract: docs/api.md.
 
     Optional buffers ``gain`` / ``shift`` (shape (out_channels,), set by ``set_affine``, see wsconvert.preserve)
     make the result W_eff = gain * W_hat + shift per output filter (Adaptive WS, DetectoRS arXiv:2006.02334).
