@@ -51,6 +51,8 @@ def library_options(params: dict[str, Any]) -> dict[str, Any]:
     for name in ("include", "exclude"):
         if name in options:
             options[name] = list(options[name]) or None
+    if params.get("preserve"):  # recorded only when set, so earlier outputs' option records stay as they were
+        options["preserve"] = True
     return options
 
 
@@ -175,6 +177,17 @@ class _Progress:
     callback=_input_shape,
     help="Random input of this shape for the unnormalized-conv probe when torch.fx cannot trace the model.",
 )
+@click.option(
+    "--preserve",
+    is_flag=True,
+    help="Keep what the trained model computes: Adaptive WS gain/shift, GroupNorm affines from BatchNorm.",
+)
+@click.option(
+    "--calibration",
+    metavar="FILE",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Inputs (torch.save / safetensors / .npy tensor) to fit the GroupNorm affines on (with --preserve).",
+)
 @click.option("--bake", is_flag=True, help="Store standardized weights as plain conv weights (inference/export).")
 @click.option("--dry-run", is_flag=True, help="Load, plan and report; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print only the report, as JSON, on stdout.")
@@ -203,6 +216,7 @@ def main(**params: Any) -> None:  # noqa: D417 - click renders the options
             dry_run=params["dry_run"],
             force=params["force"],
             trust_pickle=params["trust_pickle"],
+            calibration=params["calibration"],
             progress=progress.phase,
             on_bytes=progress.bytes if progress.enabled else None,
         )

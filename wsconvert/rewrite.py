@@ -27,9 +27,10 @@ from torch.nn.utils import parametrize
 
 from . import checkpoint as ckpt
 from .arch import Architecture, arch_from_checkpoint, resolve_arch
+from .calibrate import load_calibration_file
 from .convert import bake as bake_model
-from .convert import convert_model, plan_conversion
-from .errors import ArchitectureError, CheckpointError
+from .convert import convert_measured, convert_model, plan_conversion
+from .errors import ArchitectureError, CheckpointError, InvalidOptionError
 from .report import ConversionReport
 
 __all__ = [
@@ -246,12 +247,15 @@ def rewrite_state_dict(
     where: str = "the state dict",
     arch: str = "the architecture",
     release: Callable[[], object] | None = None,
+    calibration_data: list[torch.Tensor] | None = None,
 ) -> tuple[OrderedDict, ConversionReport, EntryResult]:
     """Rewrite one model state dict for ``convert_model(arch(), **options)`` (baked with ``bake=True``).
 
     ``skeleton`` is a fresh, unconverted instance of the architecture (meta device preferred); it is
     consumed. Keys outside the model's prefix (e.g. AveragedModel's ``n_averaged``) are kept as they are.
-    ``release`` (drop the memory-mapped input's resident pages) is called while baking.
+    ``release`` (drop the memory-mapped input's resident pages) is called while baking. With
+    ``calibration_data`` (``preserve=True``; the skeleton must then hold real tensors) the GroupNorm affines
+    are fitted on it and ``report.fidelity`` is filled (wsconvert.calibrate).
     Raises CheckpointError naming the first missing, unexpected and size-mismatched keys.
     """
     expected = skeleton.state_dict()
@@ -273,7 +277,10 @@ def rewrite_state_dict(
             where, arch, matched, list(result.missing_keys), list(result.unexpected_keys), [], list(expected)
         )
     report = plan_conversion(skeleton, **options)
-    model = convert_model(skeleton, **options, inplace=True)
+    if calibration_data is None:
+        model = convert_model(skeleton, **options, inplace=True)
+    else:
+        model, report.fidelity = convert_measured(skeleton, **options, inplace=True, calibration_data=calibration_data)
     if bake:
         model = _bake(model, release)
     converted = model.state_dict()
@@ -449,13 +456,15 @@ def convert_checkpoint(
     trust_pickle: bool = False,
     progress: Callable[[str], None] | None = None,
     on_bytes: Callable[[int, int], None] | None = None,
+    calibration: str | os.PathLike | None = None,
 ) -> CheckpointConversion:
     """Convert the checkpoint at ``input`` and write it (same layout) to ``output``.
 
-    ``options`` are ``convert_model``'s keyword arguments. The default output is ``<stem>.ws<suffix>``
-    beside the input; the input is never modified and an existing output is replaced only with
-    ``force``. Returns what was done; raises a WSConvertError subclass for every expected failure,
-    leaving no output file behind.
+    ``options`` are ``convert_model``'s keyword arguments. ``calibration`` is a file of inputs (torch.save,
+    safetensors or .npy; needs ``options["preserve"]``) to fit the GroupNorm affines on (docs/preserve.md).
+    The default output is ``<stem>.ws<suffix>`` beside the input; the input is never modified and an
+    existing output is replaced only with ``force``. Returns what was done; raises a WSConvertError
+    subclass for every expected failure, leaving no output file behind.
     """
     say = progress or (lambda message: None)
     options = _jsonable(dict(options or {}))
@@ -467,6 +476,10 @@ def convert_checkpoint(
         raise CheckpointError(f"output {target} is the input file; wsconvert never modifies its input, pick another -o")
     if not dry_run:
         ckpt.check_output_target(target, force=force)
+    if calibration is not None and not options.get("preserve"):
+        raise InvalidOptionError(
+            "--calibration fits the GroupNorm affines of a function-preserving conversion: add --preserve"
+        )
 
     say(f"loading {source}")
     loaded = ckpt.load_checkpoint(source, trust_pickle=trust_pickle)
@@ -480,10 +493,16 @@ def convert_checkpoint(
     info = {"version": _version(), "options": options, "bake": bake, "source": source.name}
     fmt = "safetensors" if loaded.format == "safetensors" else "torch.save"
 
+    if calibration is not None:
+        info["calibration"] = Path(calibration).name
+
     if loaded.kind == "module":
-        return _convert_module(loaded, target, options, info, bake, dry_run, force, say, on_bytes, identity)
+        batches = None if calibration is None else load_calibration_file(calibration, loaded.obj)
+        return _convert_module(loaded, target, options, info, bake, dry_run, force, say, on_bytes, identity, batches)
 
     architecture = _resolve(loaded, arch, arch_kwargs, notes)
+    # Calibration runs the model: it needs real tensors (non-persistent buffers stay meta on a skeleton).
+    batches = None if calibration is None else load_calibration_file(calibration, architecture.build_skeleton())
     info |= {"arch": architecture.spec, "arch_kwargs": _jsonable(architecture.kwargs)}
     say(f"planning on {architecture.spec}")
     if loaded.kind == "state_dict":
@@ -508,12 +527,13 @@ def convert_checkpoint(
         where = f"{source}" if key is None else f"{source} entry {key!r}"
         out, entry_report, result = rewrite_state_dict(
             state_dict,
-            architecture.build_skeleton(),
+            architecture.build_skeleton() if batches is None else architecture.build(),
             options,
             bake=bake,
             where=where,
             arch=architecture.describe(),
             release=release,
+            calibration_data=batches,
         )
         out._metadata[ckpt.METADATA_INFO_KEY] = info  # type: ignore[attr-defined]
         result.key = key
@@ -596,13 +616,15 @@ def _convert_module(
     say: Callable[[str], None],
     on_bytes: Callable[[int, int], None] | None,
     source: ckpt.FileIdentity | None,
+    batches: list[torch.Tensor] | None = None,
 ) -> CheckpointConversion:
     module: nn.Module = loaded.obj
     arch = f"{type(module).__module__}.{type(module).__qualname__} (pickled)"
     info |= {"arch": arch, "format": "baked-module" if bake else WHOLE_MODEL_FORMAT}
     say("planning on the pickled model")
+    skeleton = _meta_skeleton(module) if batches is None else _copied(module)
     state_dict, report, result = rewrite_state_dict(
-        module.state_dict(), _meta_skeleton(module), options, where=str(loaded.path), arch=arch
+        module.state_dict(), skeleton, options, where=str(loaded.path), arch=arch, calibration_data=batches
     )
     notes = [
         "whole-model output: load it with wsconvert.load(path), which returns the converted model"
@@ -616,7 +638,8 @@ def _convert_module(
         return conversion
     say(f"writing {target}")
     if bake:
-        model = bake_model(convert_model(module, **options, inplace=True), inplace=True)
+        converted = convert_measured(module, **options, inplace=True, calibration_data=batches)[0]
+        model = bake_model(converted, inplace=True)
         model._wsconvert_info = info
         _write(model, target, force, on_bytes, loaded, source)
     else:
@@ -625,6 +648,14 @@ def _convert_module(
         _write(whole, target, force, on_bytes, loaded, source)
     conversion.written = True
     return conversion
+
+
+def _copied(module: nn.Module) -> nn.Module:
+    """A deep copy of a pickled model with its tensors (calibration runs it), or CheckpointError."""
+    try:
+        return copy.deepcopy(module)
+    except Exception as error:  # deepcopy runs the model's own __deepcopy__/__reduce__ code
+        raise CheckpointError(f"cannot copy the pickled {type(module).__name__} to calibrate it: {error}") from None
 
 
 def _version() -> str:
