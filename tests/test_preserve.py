@@ -532,3 +532,16 @@ def test_cli_bad_calibration_files(checkpoint: Path, tmp_path: Path) -> None:
         assert not out.exists(), case
     result = CliRunner().invoke(main, [str(checkpoint), *ARCH, "--calibration", str(path), "-o", str(out)])
     assert result.exit_code == 1 and "add --preserve" in result.output and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("norm", "expected"),
+    [
+        ("gn", "the affine of the 20 GroupNorm(s) is set from the replaced BatchNorm"),
+        ("bcn", "the per-group affine of the 20 BatchChannelNorm(s) is set data-free from the kept BatchNorm"),
+    ],
+)
+def test_preserve_note_names_the_replacement(plain: nn.Module, norm: str, expected: str) -> None:
+    report = wsconvert.plan_conversion(plain, gn=32, norm=norm, preserve=True)
+    notes = [n for n in report.notes if n.startswith("preserve: the ")]
+    assert len(notes) == 1 and expected in notes[0]

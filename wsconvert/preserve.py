@@ -142,7 +142,12 @@ def add_preserve_notes(report: ConversionReport, steps: Sequence, options: Conve
         "equal to the current weight at conversion; DetectoRS arXiv:2006.02334)"
     )
     replaced = sum(1 for step in steps if step.decision.action == "replace")
-    if replaced:
+    if replaced and options.norm == "bcn":
+        report.notes.append(
+            f"preserve: the per-group affine of the {replaced} BatchChannelNorm(s) is set data-free from the kept "
+            "BatchNorm's running statistics and affine (calibration_data does not refine BatchChannelNorm layers)"
+        )
+    elif replaced:
         report.notes.append(
             f"preserve: the affine of the {replaced} GroupNorm(s) is set from the replaced BatchNorm's running "
             "statistics and affine (data-free), or fitted layer by layer with calibration_data"
