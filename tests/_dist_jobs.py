@@ -255,6 +255,37 @@ DISTRIBUTED_RECIPES = ("ddp", "fsdp2", "compile_ddp")  # run in the process grou
 _RECIPE = re.compile(r"<!-- recipe: (\w+) -->\n```python\n(.*?)```", re.S)
 
 
+def bcn_cnn(estimate: float | None, sync: bool) -> nn.Module:
+    """A small BatchNorm CNN converted with norm="bcn" (inner SyncBatchNorm when ``sync``), seeded."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
+    if sync:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return wsconvert.convert_model(model, gn=4, norm="bcn", bcn_estimate=estimate)
+
+
+def bcn_ddp_step(rank: int, world_size: int, workdir: Path, estimate: float | None, sync: bool) -> dict[str, Any]:
+    """Issue 12: a BatchChannelNorm model under DDP over gloo, one training forward/backward per rank."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = bcn_cnn(estimate, sync)
+    ddp = DDP(model)
+    ((x, y),) = batches(1, world_size, 8)
+    out = ddp(shard(x, rank))
+    nn.functional.cross_entropy(out, shard(y, rank)).backward()
+    return {"out": out.detach(), "grads": _grads(model), "buffers": {k: v.clone() for k, v in model.named_buffers()}}
+
+
 def doc_recipes() -> dict[str, str]:
     """The python blocks of docs/integrations.md marked ``<!-- recipe: NAME -->``, by name."""
     return dict(_RECIPE.findall(DOC.read_text(encoding="utf-8")))

@@ -352,6 +352,26 @@ def test_group_fallback_when_groups_do_not_divide_the_channels() -> None:
     assert converted.norm.num_groups == 6 and converted.norm.weight.shape == (1, 6, 1)
 
 
+class _Abs(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w.abs()
+
+
+@pytest.mark.parametrize("names", [("weight",), ("bias",), ("weight", "bias")])
+def test_batchnorm_with_a_parametrized_affine_is_skipped_with_its_reason(names: tuple[str, ...]) -> None:
+    from torch.nn.utils import parametrize
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8))
+    for name in names:
+        parametrize.register_parametrization(model[1], name, _Abs())
+    report = wsconvert.plan_conversion(model, gn=4, norm="bcn")
+    assert [s.path for s in report.skipped] == ["1"]
+    assert "parametrization" in report.skipped[0].reason and "norm='gn'" in report.skipped[0].reason
+    converted = wsconvert.convert_model(model, gn=4, norm="bcn")
+    assert parametrize.type_before_parametrizations(converted[1]) is nn.BatchNorm2d
+    assert parametrize.is_parametrized(converted[1]) and isinstance(converted[3], wsconvert.BatchChannelNorm)
+
+
 def test_hooks_training_flag_and_shared_modules_are_carried() -> None:
     shared = nn.BatchNorm2d(8)
     model = nn.Sequential(nn.Conv2d(3, 8, 1), shared, nn.Conv2d(8, 8, 1), shared)

@@ -42,6 +42,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str
             "ddp_compile": jobs.ddp_compile,
             "ddp_compile_unsplit": functools.partial(jobs.ddp_compile, optimize_ddp=False),
             "ordering": jobs.wrapped_then_converted,
+            "bcn_est_sync": functools.partial(jobs.bcn_ddp_step, estimate=0.1, sync=True),
+            "bcn_plain": functools.partial(jobs.bcn_ddp_step, estimate=None, sync=False),
             **{f"doc_{name}": functools.partial(jobs.doc_recipe, name=name) for name in DOC_RECIPES},
         },
         tmp_path_factory.mktemp("dist"),
@@ -169,3 +171,39 @@ def test_distributed_recipe_of_the_docs_runs(results, name: str) -> None:
         assert rank_result["finite"] and rank_result["grads"] > 0
     if name == "fsdp2":  # rank 0 loads the full state dict into a fresh converted model
         assert rank0["single_loaded"] and not rank1["single_loaded"]
+
+
+def _bcn_single_process(estimate: float | None, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    model = jobs.bcn_cnn(estimate, sync=False)
+    out = model(x)
+    nn.functional.cross_entropy(out, y).backward()
+    return {"out": out.detach(), "grads": jobs._grads(model), "buffers": dict(model.named_buffers())}
+
+
+def test_bcn_estimated_sync_under_ddp_equals_single_process_on_the_global_batch(results) -> None:
+    """EstBN replacing a SyncBatchNorm pools its batch moments over the ranks (gloo, CPU): every rank's running
+    estimates, outputs and averaged gradients equal one process on the concatenated batch."""
+    ranks = ok(results["bcn_est_sync"])
+    ((x, y),) = jobs.batches(1, WORLD, 8)
+    expected = _bcn_single_process(0.1, x, y)
+    assert sum(name.endswith("estbn_moving_speed") for name in expected["buffers"]) == 2
+    for rank, got in enumerate(ranks):
+        torch.testing.assert_close(got["out"], jobs.shard(expected["out"], rank), atol=1e-5, rtol=1e-4)
+        for name, value in expected["buffers"].items():
+            torch.testing.assert_close(got["buffers"][name], value, atol=1e-6, rtol=1e-5, msg=f"rank {rank} {name}")
+        # the loss is a per-rank mean, so DDP's average equals the gradient of the global mean
+        for name, grad in expected["grads"].items():
+            torch.testing.assert_close(got["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=f"rank {rank} {name}")
+
+
+def test_bcn_under_ddp_keeps_per_rank_batch_statistics_and_averages_gradients(results) -> None:
+    """Plain BCN (inner BatchNorm2d, not synchronized): each rank normalizes with its own batch, as a single
+    process on that rank's images does; DDP averages the two gradients."""
+    ranks = ok(results["bcn_plain"])
+    ((x, y),) = jobs.batches(1, WORLD, 8)
+    per_rank = [_bcn_single_process(None, jobs.shard(x, r), jobs.shard(y, r)) for r in range(WORLD)]
+    for rank, got in enumerate(ranks):
+        torch.testing.assert_close(got["out"], per_rank[rank]["out"], atol=1e-5, rtol=1e-4)
+        for name in per_rank[0]["grads"]:
+            mean = (per_rank[0]["grads"][name] + per_rank[1]["grads"][name]) / 2
+            torch.testing.assert_close(got["grads"][name], mean, atol=1e-5, rtol=1e-4, msg=f"rank {rank} {name}")

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
 
 from .errors import InvalidOptionError
 
@@ -380,7 +381,22 @@ def from_batchnorm(
 
 
 def with_notes(decision: object, norm: nn.Module, path: str, options: object) -> object:
-    """A rules ``Decision`` for a BatchChannelNorm replacement, with a note where ``bcn_estimate`` does not apply."""
+    """A rules ``Decision`` for a BatchChannelNorm replacement: skipped (with the reason) when the BatchNorm's
+    affine carries a parametrization, which the BCN's shared inner BatchNorm cannot hold; with a note where
+    ``bcn_estimate`` does not apply."""
+    if decision.action == "replace" and parametrize.is_parametrized(norm):
+        names = ", ".join(name for name in ("weight", "bias") if parametrize.is_parametrized(norm, name))
+        return dataclasses.replace(
+            decision,
+            action="skip",
+            reason=f"its {names} carries a parametrization, which a BatchChannelNorm cannot keep yet; "
+            "convert it with norm='gn' (which carries the parametrization over) or remove the parametrization",
+            becomes="",
+            groups=None,
+            channels=None,
+            eps=None,
+            notes=(),
+        )
     if decision.action != "replace" or options.bcn_estimate is None or not _is_frozen(norm):
         return decision
     note = (
