@@ -407,11 +407,13 @@ def test_whole_model_bake_is_a_plain_module(tmp_path: Path) -> None:
     assert wsconvert.load(tmp_path / "whole.ws.pt").__class__ is type(loaded)
 
 
-def test_load_refuses_state_dict_outputs_with_guidance(tmp_path: Path) -> None:
+def test_load_rebuilds_state_dict_outputs(tmp_path: Path) -> None:
+    """State-dict outputs load with wsconvert.load too (tests/test_load_and_cli_polish.py covers the layouts)."""
     layout = _raw(tmp_path, "")
     assert_ok(run(layout.path, *layout.args, "--gn", 4))
-    with pytest.raises(wsconvert.CheckpointError, match='convert_model\\(model, \\*\\*\\{.*"gn": 4'):
-        wsconvert.load(tmp_path / "raw.ws.pt")
+    loaded = wsconvert.load(tmp_path / "raw.ws.pt")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.eval()(x), wsconvert.convert_model(layout.model, gn=4).eval()(x))
 
 
 # --- flags ----------------------------------------------------------------------------------------------

@@ -1,12 +1,19 @@
-"""``wsconvert.load``: turn a converted whole-model file back into the ready-to-train converted model.
+"""``wsconvert.load``: turn any file the ``wsconvert`` command wrote back into the ready-to-train converted model.
+
+Every output carries a record of its conversion (``wsconvert.checkpoint.INFO_KEY``: a training checkpoint's
+``"wsconvert"`` entry, a safetensors file's ``"wsconvert"`` metadata, a state dict's
+``_metadata["__wsconvert__"]``) holding the architecture spec, its keyword arguments and the options. For
+state-dict, training-checkpoint and safetensors outputs ``load`` builds the architecture from that record
+(random weights, nothing downloaded), converts it with the recorded options and loads the weights with
+``strict=True``: the same model as ``convert_model(arch(**arch_kwargs), **options)`` plus
+``load_state_dict``. These files are read with the project's safe loader (tensors only, no code runs).
 
 torch cannot pickle a module that carries parametrizations (torch/nn/utils/parametrize.py raises
-"Serialization of parametrized modules is only supported through state_dict()"), so for a whole
-pickled model ``wsconvert INPUT --trust-pickle`` writes a dict holding the original pickled module, the
-conversion options and the converted state dict (the two share their tensors, so the file is no larger
-than the input). ``load`` converts the module with the recorded options and loads the state dict
-strictly, which yields exactly what ``convert_model`` returns in Python. A ``--bake`` output is a plain
-pickled module and is returned as it is.
+"Serialization of parametrized modules is only supported through state_dict()"), so for a whole pickled
+model ``wsconvert INPUT --trust-pickle`` writes a dict holding the original pickled module, the options and
+the converted state dict; ``load`` converts the module with the recorded options and loads the state dict
+strictly. That file, and a ``--bake`` output of a whole model (a plain pickled module, returned as it is),
+are unpickled, which runs code from the file.
 """
 
 from __future__ import annotations
@@ -19,47 +26,125 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import INFO_KEY, read_info, sniff
+from . import checkpoint as ckpt
+from .arch import resolve_arch
 from .convert import convert_model
-from .errors import CheckpointError
+from .errors import ArchitectureError, CheckpointError, InvalidOptionError
 from .rewrite import WHOLE_MODEL_FORMAT
 
-__all__ = ["load"]
+__all__ = ["load", "MAIN_ENTRIES"]
+
+# The training-checkpoint entries ``load`` takes the model from, in this order: the trained model, never an EMA
+# copy (``state_dict_ema``, ``model_ema``, ``ema``); pass ``entry=`` for another rewritten entry.
+MAIN_ENTRIES = tuple(key for key in ckpt.MODEL_KEYS if "ema" not in key)
 
 
-def load(path: str | os.PathLike, *, map_location: Any = "cpu") -> nn.Module:
-    """Load a model file written by the ``wsconvert`` command from a whole pickled model.
-
-    Returns the converted model, ready to train (or, for ``--bake`` output, the baked plain module).
-    Like ``torch.load(weights_only=False)`` this unpickles Python objects, which runs code from the
-    file: only load files you trust. State-dict outputs are refused with a message saying how to load
-    them (``convert_model(arch(), **options).load_state_dict(...)``).
-    """
-    fmt = sniff(path)
-    if fmt == "safetensors":
-        raise CheckpointError(
-            f"{path} is a safetensors state dict; load it into convert_model(arch(), **options) with "
-            "load_state_dict (the options are in its 'wsconvert' metadata)"
+def _moved(model: nn.Module, map_location: Any) -> nn.Module:
+    if map_location is None:
+        return model
+    if not isinstance(map_location, (str, torch.device)):
+        raise InvalidOptionError(
+            f"map_location={map_location!r}: wsconvert.load moves the model with .to(); give a device "
+            "such as 'cpu', 'cuda:0' or torch.device(...)"
         )
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as error:  # unpickling a trusted file can raise anything
-        raise CheckpointError(f"cannot load {path}: {type(error).__name__}: {error}") from None
-    if isinstance(obj, nn.Module):
-        return obj
-    info = read_info(obj)
-    if isinstance(obj, Mapping) and info is not None and info.get("format") == WHOLE_MODEL_FORMAT:
+    return model.to(map_location)
+
+
+def _record(loaded: ckpt.Loaded) -> dict | None:
+    if loaded.format == "safetensors":
+        raw = loaded.metadata.get(ckpt.INFO_KEY)
+        try:
+            record = json.loads(raw) if raw is not None else None
+        except ValueError:
+            record = None
+        return record if isinstance(record, dict) else None
+    if loaded.kind == "module":
+        info = vars(loaded.obj).get("_wsconvert_info")
+        return dict(info) if isinstance(info, Mapping) else None
+    return ckpt.read_info(loaded.obj)
+
+
+def _pick_entry(obj: Mapping[str, Any], entry: str | None, path: Any) -> str:
+    rewritten = [k for k, v in obj.items() if ckpt.is_state_dict(v) and ckpt.read_info(v) is not None]
+    if entry is not None:
+        if entry not in rewritten:
+            raise CheckpointError(
+                f"{path} has no rewritten model entry {entry!r}; its rewritten entries are "
+                f"{', '.join(repr(k) for k in rewritten) or 'none'}"
+            )
+        return entry
+    for key in MAIN_ENTRIES:
+        if key in rewritten:
+            return key
+    others = [k for k in rewritten if "ema" not in k.lower()] or rewritten
+    if not others:
+        raise CheckpointError(f"{path} holds no model state dict rewritten by wsconvert (entries: {', '.join(obj)})")
+    return others[0]
+
+
+def load(path: str | os.PathLike, *, map_location: Any = "cpu", entry: str | None = None) -> nn.Module:
+    """Load any model file written by the ``wsconvert`` command as the converted, ready-to-train model.
+
+    State dict, training checkpoint and safetensors outputs: the architecture and every option come from the
+    file's wsconvert record, the weights are loaded with ``strict=True``; they are read without running code.
+    A training checkpoint gives its main model entry, the first of ``MAIN_ENTRIES`` (``state_dict``, ``model``,
+    ...: never the EMA copy) present; ``entry="state_dict_ema"`` picks another rewritten entry. Whole-model
+    outputs (``--trust-pickle``) are unpickled, which runs code from the file: only load files you trust; a
+    ``--bake`` output of a whole model is returned as the plain module it is. ``map_location`` is the device
+    the model is moved to (None: leave it on the CPU where it was read).
+
+    Raises CheckpointError when the file has no wsconvert record (use ``convert_model`` +
+    ``load_state_dict``), for a baked state dict (load it into the plain architecture), and
+    ArchitectureError when the recorded architecture cannot be built.
+    """
+    loaded = ckpt.load_checkpoint(path, trust_pickle=True)
+    record = _record(loaded)
+    if loaded.kind == "module":
+        return _moved(loaded.obj, map_location)
+    if record is None:
+        raise CheckpointError(
+            f"{path} was not written by wsconvert (no {ckpt.INFO_KEY!r} record of the architecture and options); "
+            "build the model, convert it with convert_model(model, **options) and call load_state_dict on it"
+        )
+    obj = loaded.obj
+    if record.get("format") == WHOLE_MODEL_FORMAT:
         if not isinstance(obj.get("module"), nn.Module) or not isinstance(obj.get("state_dict"), Mapping):
             raise CheckpointError(f"{path} is a damaged wsconvert whole-model file (no 'module' or 'state_dict')")
-        model = convert_model(obj["module"], **info.get("options", {}), inplace=True)
+        model = convert_model(obj["module"], **record.get("options", {}), inplace=True)
         model.load_state_dict(obj["state_dict"], strict=True)
-        return model
-    if info is not None:
-        options = json.dumps(info.get("options", {}), sort_keys=True)
+        return _moved(model, map_location)
+    options = dict(record.get("options") or {})
+    spec, kwargs = record.get("arch"), record.get("arch_kwargs") or {}
+    if record.get("bake"):
         raise CheckpointError(
-            f"{path} holds state dicts, not a whole model; build the architecture ({info.get('arch', '?')}), convert "
-            f"it with convert_model(model, **{options}) and call load_state_dict on it"
+            f"{path} is a --bake output: its standardized weights are plain conv weights; load it with "
+            f"load_state_dict into the unconverted architecture ({spec} {json.dumps(kwargs)}), converted with "
+            f"only its norm options (gn/norm) if any, or rerun wsconvert without --bake"
         )
-    raise CheckpointError(
-        f"{path} was not written by wsconvert from a whole model (no {INFO_KEY!r} record); use torch.load for it"
-    )
+    if not isinstance(spec, str) or not spec:
+        raise ArchitectureError(f"{path}: its wsconvert record names no architecture ('arch'); it may be damaged")
+    try:
+        architecture = resolve_arch(spec, dict(kwargs))
+    except ArchitectureError as error:
+        raise ArchitectureError(
+            f"{path} records the architecture {spec!r}, which cannot be built here: {error}"
+        ) from None
+    if loaded.kind == "checkpoint":
+        key = _pick_entry(obj, entry, path)
+        where, state_dict = f"{path} entry {key!r}", obj[key]
+    else:
+        if entry is not None:
+            raise InvalidOptionError(f"entry={entry!r}: {path} is a single state dict, not a training checkpoint")
+        where, state_dict = str(path), obj
+    model = convert_model(architecture.build(), **options, inplace=True)
+    expected = set(model.state_dict())
+    prefix, _ = ckpt.match_prefix(list(state_dict), expected)
+    own = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    try:
+        model.load_state_dict(own, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"{where} does not load into {architecture.describe()} converted with {json.dumps(options)}: "
+            f"{' '.join(str(error).split())[:300]}"
+        ) from None
+    return _moved(model, map_location)
