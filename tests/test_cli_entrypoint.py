@@ -30,7 +30,9 @@ def test_installed_entry_point_converts_and_fails_cleanly(tmp_path: Path) -> Non
     x = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(fresh.eval()(x), wsconvert.convert_model(model, gn=32).eval()(x), rtol=0, atol=0)
 
-    again = _run(SCRIPT, "model.pt", "--arch", "torchvision:resnet18", cwd=tmp_path)
+    # the same, correct, arguments again: refused for the existing output (a wrong --arch would be named first)
+    again = _run(SCRIPT, "model.pt", "--arch", "torchvision:resnet18", "--arch-kwargs", '{"num_classes": 10}',
+                 cwd=tmp_path)  # fmt: skip
     assert again.returncode == 1
     assert again.stderr.strip().splitlines() == [again.stderr.strip()] and "already exists" in again.stderr
     assert "Traceback" not in again.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -176,6 +177,38 @@ def _callable(spec: str) -> Callable[..., Any]:
     return target
 
 
+def _model_exists(family: str, name: str) -> bool:
+    """Whether ``family`` (torchvision or timm) is installed and has a model ``name``."""
+    try:
+        if family == "torchvision":
+            import torchvision.models as models
+
+            return name in models.list_models()
+        import timm
+
+        return bool(timm.is_model(name))
+    except ImportError:
+        return False
+
+
+def family_suggestion(spec: str) -> str | None:
+    """The specs a mistyped ``--arch`` probably meant, as " (did you mean X?)", or None.
+
+    A family typo (``tim:resnet18``, ``torchvison:resnet18``: a module prefix that is not importable and is close
+    to ``timm`` or ``torchvision``) and a bare model name (``resnet18``) are answered with the
+    ``torchvision:NAME`` / ``timm:NAME`` specs whose model exists.
+    """
+    prefix, colon, name = spec.partition(":")
+    if colon:
+        if prefix in _PREFIXES or not name or importlib.util.find_spec(prefix.split(".")[0] or "_") is not None:
+            return None
+        families = difflib.get_close_matches(prefix.lower(), _PREFIXES, n=2, cutoff=0.6)
+    else:
+        name, families = spec, list(_PREFIXES)
+    found = [f"{family}:{name}" for family in families if _model_exists(family, name)]
+    return f" (did you mean {' or '.join(found)}?)" if found else None
+
+
 def resolve_arch(spec: str, kwargs: dict[str, Any] | None = None) -> Architecture:
     """Resolve ``torchvision:NAME``, ``timm:NAME`` or ``package.module:callable`` with ``kwargs``."""
     if not isinstance(spec, str) or not spec.strip():
@@ -184,6 +217,11 @@ def resolve_arch(spec: str, kwargs: dict[str, Any] | None = None) -> Architectur
     if not all(isinstance(k, str) for k in kwargs):
         raise ArchitectureError(f"arch kwargs {kwargs!r} must map argument names to values")
     prefix, _, name = spec.partition(":")
+    hint = family_suggestion(spec.strip())
+    if hint:
+        raise ArchitectureError(
+            f"--arch {spec!r} is not torchvision:NAME, timm:NAME or an importable package.module:callable{hint}"
+        )
     if prefix == "torchvision":
         factory = _torchvision(name, kwargs)
     elif prefix == "timm":

@@ -73,6 +73,7 @@ class CheckpointConversion:
     kept: list[str] = field(default_factory=list)
     dropped: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    would_refuse: str | None = None  # dry run: why the real run would refuse to write (e.g. the output exists)
 
     def to_dict(self) -> dict:
         """A JSON-serializable dict (what ``wsconvert --json`` prints)."""
@@ -92,6 +93,7 @@ class CheckpointConversion:
             "kept": list(self.kept),
             "dropped": [{"key": k, "reason": r} for k, r in self.dropped],
             "notes": list(self.notes),
+            "would_refuse": self.would_refuse,
             "report": self.report.to_dict(),
         }
 
@@ -117,6 +119,8 @@ class CheckpointConversion:
             lines.append("  baked: standardized weights stored as plain conv weights (for inference/export)")
         if self.written:
             lines.append(f"Wrote {self.output}")
+        elif self.would_refuse:
+            lines.append(f"Dry run: nothing written; the real run would refuse: {self.would_refuse}")
         else:
             lines.append(f"Dry run: nothing written (would write {self.output})")
         return "\n".join(lines)
@@ -474,8 +478,6 @@ def convert_checkpoint(
     identity = ckpt.FileIdentity.of(source)  # if the input changes before the write ends, nothing is written
     if _same_file(source, target):
         raise CheckpointError(f"output {target} is the input file; wsconvert never modifies its input, pick another -o")
-    if not dry_run:
-        ckpt.check_output_target(target, force=force)
     if calibration is not None and not options.get("preserve"):
         raise InvalidOptionError(
             "--calibration fits the GroupNorm affines of a function-preserving conversion: add --preserve"
@@ -546,6 +548,7 @@ def convert_checkpoint(
         source, target, False, _layout_name(loaded), fmt, architecture.spec, architecture.kwargs, bake,
         report, results, kept, dropped, notes,
     )  # fmt: skip
+    conversion.would_refuse = _check_output(target, force, dry_run)
     if dry_run:
         return conversion
     say(f"writing {target}")
@@ -560,6 +563,19 @@ def convert_checkpoint(
         _write(result_obj, target, force, on_bytes, loaded, identity)
     conversion.written = True
     return conversion
+
+
+def _check_output(target: Path, force: bool, dry_run: bool) -> str | None:
+    """Refuse an output the write would refuse (exists without ``force``, a directory, ...), once the input and
+    the architecture have been validated: a wrong ``--arch`` is reported first, not hidden behind "pass --force".
+    A dry run returns the refusal instead (it is reported, the exit code stays 0)."""
+    try:
+        ckpt.check_output_target(target, force=force)
+    except CheckpointError as error:
+        if dry_run:
+            return str(error)
+        raise
+    return None
 
 
 def _layout_name(loaded: ckpt.Loaded) -> str:
@@ -634,6 +650,7 @@ def _convert_module(
     conversion = CheckpointConversion(
         loaded.path, target, False, _layout_name(loaded), "torch.save", arch, {}, bake, report, [result], [], [], notes
     )
+    conversion.would_refuse = _check_output(target, force, dry_run)
     if dry_run:
         return conversion
     say(f"writing {target}")
