@@ -1,23 +1,36 @@
-"""wsconvert: Weight Standardization (arXiv:1903.10520) and BatchNorm -> GroupNorm for any PyTorch model."""
+"""wsconvert: Weight Standardization (arXiv:1903.10520) and BatchNorm -> GroupNorm for any PyTorch model.
+
+The public names are imported on first use (PEP 562 module ``__getattr__``), so that ``import wsconvert`` and
+the ``wsconvert`` command start without importing torch: the command imports it inside click, where Ctrl-C is
+``Aborted!`` (exit 1). ``from wsconvert import convert_model`` and ``wsconvert.convert_model`` work as before.
+"""
 
 from __future__ import annotations
 
-from .bcn import BatchChannelNorm
-from .convert import bake, convert_model, plan_conversion
-from .errors import (
-    ArchitectureError,
-    CheckpointError,
-    InvalidOptionError,
-    UnsupportedModuleError,
-    WSConvertError,
-)
-from .recompute import recompute_in_backward, recomputes_in_backward
-from .report import ConversionReport
-from .rules import is_standardized
-from .standardize import WeightStandardization, standardize_weight
-from .wholemodel import load
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> the submodule that defines it
+_PUBLIC = {
+    "convert_model": "convert",
+    "plan_conversion": "convert",
+    "bake": "convert",
+    "load": "wholemodel",
+    "recompute_in_backward": "recompute",
+    "recomputes_in_backward": "recompute",
+    "is_standardized": "rules",
+    "standardize_weight": "standardize",
+    "WeightStandardization": "standardize",
+    "BatchChannelNorm": "bcn",
+    "ConversionReport": "report",
+    "WSConvertError": "errors",
+    "InvalidOptionError": "errors",
+    "UnsupportedModuleError": "errors",
+    "CheckpointError": "errors",
+    "ArchitectureError": "errors",
+}
 
 __all__ = [
     "convert_model",
@@ -38,3 +51,32 @@ __all__ = [
     "ArchitectureError",
     "__version__",
 ]
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the names as eager imports
+    from .bcn import BatchChannelNorm
+    from .convert import bake, convert_model, plan_conversion
+    from .errors import ArchitectureError, CheckpointError, InvalidOptionError, UnsupportedModuleError, WSConvertError
+    from .recompute import recompute_in_backward, recomputes_in_backward
+    from .report import ConversionReport
+    from .rules import is_standardized
+    from .standardize import WeightStandardization, standardize_weight
+    from .wholemodel import load
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name (or a submodule, e.g. ``wsconvert.checkpoint``) on first access."""
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("__"):
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -2,7 +2,9 @@
 
 Expected failures (a WSConvertError) become one ``Error: ...`` line on stderr and exit code 1; click
 reports usage errors with exit code 2. Ctrl-C is click's ``Aborted!`` (exit 1) wherever it lands, also
-inside a library that re-raises it as its own error (torch's zip writer: a RuntimeError).
+inside a library that re-raises it as its own error (torch's zip writer: a RuntimeError), and while torch is
+being imported: this module imports neither torch nor the converter at import time (``wsconvert/__init__.py``
+is lazy), the command imports them inside click, whose handler turns KeyboardInterrupt into ``Aborted!``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import click
 
 from . import __version__
 from .errors import WSConvertError, caused_by
-from .rewrite import convert_checkpoint
 
 __all__ = ["main", "library_options"]
 
@@ -97,17 +98,28 @@ class _Progress:
         self.enabled = enabled
         self.start = time.monotonic()
         self._last = 0.0
+        self._percent: int | None = None
 
     def phase(self, message: str) -> None:
         if self.enabled:
             click.echo(f"\r\x1b[K{message} ...", err=True, nl=False)
 
     def bytes(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if self.enabled and (now - self._last > 0.2 or done >= total):
-            self._last = now
-            percent = f" ({min(100, 100 * done // total)}%)" if total else ""
-            click.echo(f"\r\x1b[Kwriting {done / 2**20:,.0f} MiB{percent}", err=True, nl=False)
+        """With a known total each whole percentage is drawn once (100 % once); without one, at most 5 times/s."""
+        if not self.enabled:
+            return
+        if total:
+            percent = min(100, 100 * done // total)
+            if percent == self._percent:
+                return
+            self._percent = percent
+            shown = f" ({percent}%)"
+        else:
+            now = time.monotonic()
+            if now - self._last <= 0.2:
+                return
+            self._last, shown = now, ""
+        click.echo(f"\r\x1b[Kwriting {done / 2**20:,.0f} MiB{shown}", err=True, nl=False)
 
     def done(self) -> None:
         if self.enabled:
@@ -205,6 +217,9 @@ def main(**params: Any) -> None:  # noqa: D417 - click renders the options
     dict loads with strict=True into convert_model(arch(), same options). INPUT is never modified.
     """
     progress = _Progress(_stderr_is_terminal() and not params["as_json"])
+    # Imported here, inside click's handler: Ctrl-C during the torch import (most of a cold start) is Aborted!.
+    from .rewrite import convert_checkpoint
+
     try:
         result = convert_checkpoint(
             params["input"],
@@ -235,3 +250,6 @@ def main(**params: Any) -> None:  # noqa: D417 - click renders the options
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
         click.echo(str(result))
+    for hint in result.report.hints:  # a missing result, loudly (stderr keeps --json output pure JSON)
+        if hint.warning:
+            click.echo(f"Warning: {hint.message}", err=True)
