@@ -11,6 +11,7 @@ __all__ = [
     "UnsupportedModuleError",
     "CheckpointError",
     "ArchitectureError",
+    "ProbeUnavailableWarning",
     "caused_by",
 ]
 
@@ -33,6 +34,16 @@ class CheckpointError(WSConvertError):
 
 class ArchitectureError(WSConvertError):
     """An architecture spec (torchvision:NAME, timm:NAME, module:callable) cannot be resolved."""
+
+
+class ProbeUnavailableWarning(UserWarning):
+    """A check that needs a forward pass or a trace of the model could not run, so its result is missing.
+
+    Raised as a warning (filter it with ``warnings.filterwarnings("ignore", category=ProbeUnavailableWarning)``)
+    when ``skip_unnormalized=True`` could not find the unnormalized convs, or when the example input could not
+    be used to check GroupNorm group sizes; the fix is an input that the model runs on (``example_inputs=`` /
+    ``input_shape=``, CLI ``--input-shape``).
+    """
 
 
 def caused_by(

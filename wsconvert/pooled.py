@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .probe import _as_args, _error_text, norm_types
+from .errors import ProbeUnavailableWarning
+from .probe import INPUT_FIX, _as_args, _error_text, norm_types
 
 __all__ = ["norm_values_per_channel", "one_group_for_pooled_norms", "pooled_norm_sizes"]
 
@@ -103,5 +104,10 @@ def pooled_norm_sizes(model: nn.Module, example_inputs: Any, gn: int | None) -> 
         return {}
     sizes, why = norm_values_per_channel(model, example_inputs)
     if why:
-        warnings.warn(f"the example input could not be used to check GroupNorm group sizes: {why}", stacklevel=3)
+        warnings.warn(
+            f"the example input could not be used to check GroupNorm group sizes: {why}; the requested groups are "
+            f"used; {INPUT_FIX}",
+            ProbeUnavailableWarning,
+            stacklevel=3,
+        )
     return sizes

@@ -49,9 +49,10 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .errors import InvalidOptionError
+from .errors import InvalidOptionError, ProbeUnavailableWarning
 
 __all__ = [
+    "INPUT_FIX",
     "METHODS",
     "NORM_FUNCTIONS",
     "SCALE_PRESERVING_OPS",
@@ -61,6 +62,12 @@ __all__ = [
     "probe_unnormalized",
     "resolve_example_inputs",
 ]
+
+# What to do when a check needs a forward pass and has none (or the trace failed): said by warnings and hints.
+INPUT_FIX = (
+    "give an input the model runs on: example_inputs=(tensor,) or input_shape=(1, 3, 224, 224) "
+    "(CLI --input-shape 1,3,224,224)"
+)
 
 NORM_FUNCTIONS = frozenset(
     {
@@ -534,7 +541,8 @@ def skip_unnormalized_steps(steps: list, probe: ProbeResult | None, options: Any
         return steps
     if not probe.available:
         warnings.warn(
-            f"skip_unnormalized=True skipped nothing: unnormalized-conv detection is {probe.describe()}",
+            f"skip_unnormalized=True skipped nothing: unnormalized-conv detection is {probe.describe()}; {INPUT_FIX}",
+            ProbeUnavailableWarning,
             stacklevel=3,
         )
         return steps

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from .fidelity import Fidelity
+from .probe import INPUT_FIX
 
-__all__ = ["ConvertedModule", "SkippedModule", "GroupFallback", "UnnormalizedConv", "ConversionReport"]
+__all__ = ["ConvertedModule", "SkippedModule", "GroupFallback", "UnnormalizedConv", "Hint", "ConversionReport"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,16 @@ class UnnormalizedConv:
     also_at: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Hint:
+    """What to do about something the report found; ``warning`` hints mean a result is missing (the CLI prints
+    them as ``Warning:`` lines on stderr)."""
+
+    kind: str  # "unnormalized", "instance_norm", "probe_unavailable"
+    message: str
+    warning: bool = False
+
+
 @dataclass
 class ConversionReport:
     """Every converted module, every skipped candidate with its reason, GroupNorm fallbacks and notes.
@@ -76,7 +88,14 @@ class ConversionReport:
             "unnormalized": [asdict(u) | {"also_at": list(u.also_at)} for u in self.unnormalized],
             "unnormalized_detection": self.unnormalized_detection,
             "fidelity": None if self.fidelity is None else self.fidelity.to_dict(),
+            "hints": [asdict(h) for h in self.hints],
         }
+
+    @property
+    def hints(self) -> list[Hint]:
+        """What to do about the findings, derived from the report's contents (so str() and to_dict() agree)."""
+        found = [_unnormalized_hint(self), _instance_norm_hint(self), _probe_hint(self)]
+        return [hint for hint in found if hint is not None]
 
     def summary(self) -> dict[str, int]:
         standardized = sum(1 for c in self.converted if c.action == "standardized")
@@ -121,7 +140,61 @@ class ConversionReport:
             lines += ["", *self.fidelity.lines()]
         if self.notes:
             lines += ["", "Notes:"] + [f"- {note}" for note in self.notes]
+        if self.hints:
+            lines += ["", "What to do:"] + [f"- {'Warning: ' if h.warning else ''}{h.message}" for h in self.hints]
         return "\n".join(lines)
+
+
+def _unnormalized_hint(report: ConversionReport) -> Hint | None:
+    """Unnormalized convs that were (or would be) standardized: how to leave them alone, and what that changes."""
+    if not report.unnormalized or report.options.get("skip_unnormalized"):
+        return None
+    standardized = {c.path for c in report.converted if c.action == "standardized"}
+    affected = [u for u in report.unnormalized if u.path in standardized]
+    if not affected:
+        return None
+    return Hint(
+        "unnormalized",
+        f"{len(affected)} of {len(standardized)} standardized conv(s) feed no normalization layer, so weight "
+        "standardization fixes their output scale; to leave them unstandardized pass skip_unnormalized=True (CLI "
+        f"--skip-unnormalized): {len(standardized) - len(affected)} conv(s) are then standardized. Its effect on "
+        "accuracy has not been measured by wsconvert; MosaicML Composer had to exclude the last 15 convs of "
+        "DeepLabv3+ for this reason (Composer PR #1562; docs/unnormalized.md)",
+    )
+
+
+def _instance_norm_hint(report: ConversionReport) -> Hint | None:
+    """GroupNorm fallbacks with one channel per group: that is InstanceNorm, not GroupNorm."""
+    single = [g for g in report.group_fallbacks if g.groups == g.channels and g.channels > 1]
+    if not single:
+        return None
+    shown = ", ".join(g.path or "<model>" for g in single[:3]) + (", ..." if len(single) > 3 else "")
+    common = math.gcd(*(g.channels for g in single))
+    smaller = common // min(p for p in range(2, common + 1) if common % p == 0) if common > 1 else 0
+    suggestion = (
+        f"a smaller gn, e.g. gn={smaller} ({common // smaller} channels per group there)"
+        if smaller
+        else "a smaller gn that divides their channels"
+    )
+    return Hint(
+        "instance_norm",
+        f"{len(single)} GroupNorm fallback(s) leave one channel per group ({shown}): that is InstanceNorm "
+        f"(Wu & He, arXiv:1803.08494), which normalizes each channel on its own; for GroupNorm pass {suggestion}",
+    )
+
+
+def _probe_hint(report: ConversionReport) -> Hint | None:
+    """The unnormalized-conv probe could not run: why, and how to give it what it needs."""
+    if not report.unnormalized_detection.startswith("unavailable"):
+        return None
+    why = report.unnormalized_detection.removeprefix("unavailable").lstrip(": ")
+    skipped = " and skip_unnormalized=True skipped nothing" if report.options.get("skip_unnormalized") else ""
+    fix = "" if "input_shape" in why else f"; {INPUT_FIX}"
+    return Hint(
+        "probe_unavailable",
+        f"convs whose output feeds no normalization layer could not be looked for{skipped}: {why}{fix}",
+        warning=True,
+    )
 
 
 def _where(path: str, also_at: tuple[str, ...]) -> str:

@@ -1,0 +1,162 @@
+"""The report says what to do about what it found (issue 14, point 7).
+
+Each hint appears exactly when its condition holds: unnormalized convs that are standardized (suggest
+skip_unnormalized), GroupNorm fallbacks with one channel per group (that is InstanceNorm), a probe that could not
+run (why, and how to give it an input; a ProbeUnavailableWarning in Python, a ``Warning:`` line from the CLI).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import wsconvert
+from wsconvert.cli import main
+from wsconvert.errors import ProbeUnavailableWarning
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Plain(nn.Module):
+    """conv -> BN -> conv head: the head's output is the model output (unnormalized)."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.head = nn.Conv2d(width, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bn(self.conv(x)))
+
+
+class AllNormalized(Plain):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)).mean((2, 3))
+
+
+class Untraceable(Plain):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            x = x * 1
+        return self.head(self.bn(self.conv(x)))
+
+
+def kinds(report: wsconvert.ConversionReport) -> list[str]:
+    return [hint.kind for hint in report.hints]
+
+
+CASES = [
+    # id, model, plan_conversion kwargs, expected hint kinds
+    ("unnormalized-head", Plain, {"gn": 32}, ["unnormalized"]),
+    ("unnormalized-already-skipped", Plain, {"gn": 32, "skip_unnormalized": True}, []),
+    ("all-normalized", AllNormalized, {"gn": 32}, []),
+    ("one-channel-per-group", lambda: AllNormalized(16), {"gn": 32}, ["instance_norm"]),
+    ("fallback-with-two-per-group", lambda: AllNormalized(48), {"gn": 32}, []),  # 48 channels -> 24 groups
+    ("gn-divides", lambda: AllNormalized(64), {"gn": 16}, []),
+    ("probe-unavailable", Untraceable, {}, ["probe_unavailable"]),
+    ("probe-unavailable-gn16", lambda: Untraceable(16), {"gn": 32}, ["instance_norm", "probe_unavailable"]),
+    ("probe-with-input", Untraceable, {"input_shape": (1, 3, 8, 8)}, ["unnormalized"]),
+]
+
+
+@pytest.mark.parametrize(("build", "kwargs", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_hint_appears_exactly_when_its_condition_holds(build, kwargs: dict, expected: list[str]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ProbeUnavailableWarning)
+        report = wsconvert.plan_conversion(build(), **kwargs)
+    assert kinds(report) == expected
+    text = str(report)
+    as_dict = report.to_dict()
+    assert [h["kind"] for h in as_dict["hints"]] == expected
+    json.dumps(as_dict)  # still JSON-serializable
+    for hint in report.hints:  # the same hints in str() and to_dict()
+        assert hint.message in text
+        assert {"kind": hint.kind, "message": hint.message, "warning": hint.warning} in as_dict["hints"]
+    assert ("What to do:" in text) == bool(expected)
+
+
+def test_unnormalized_hint_says_what_to_do_and_counts() -> None:
+    report = wsconvert.plan_conversion(Plain(), gn=32)
+    (hint,) = report.hints
+    assert "skip_unnormalized=True" in hint.message and "--skip-unnormalized" in hint.message
+    assert hint.message.startswith("1 of 2 standardized conv(s)")
+    assert "1 conv(s) are then standardized" in hint.message
+    assert "not been measured" in hint.message and not hint.warning
+
+
+def test_instance_norm_hint_names_layer_and_suggests_smaller_gn() -> None:
+    report = wsconvert.plan_conversion(AllNormalized(16), gn=32)
+    (hint,) = report.hints
+    assert "InstanceNorm" in hint.message and "(bn)" in hint.message
+    assert "gn=8" in hint.message  # 16 channels: 8 groups of 2
+    converted = wsconvert.convert_model(AllNormalized(16), gn=8)
+    assert converted.bn.num_groups == 8  # the suggestion is a real GroupNorm
+    assert not wsconvert.plan_conversion(AllNormalized(16), gn=8).hints
+
+
+def test_probe_hint_says_why_and_how_to_fix() -> None:
+    report = wsconvert.plan_conversion(Untraceable())
+    (hint,) = report.hints
+    assert hint.warning
+    assert "torch.fx cannot trace" in hint.message and "input_shape" in hint.message
+    assert "skipped nothing" not in hint.message
+    with pytest.warns(ProbeUnavailableWarning):
+        report = wsconvert.plan_conversion(Untraceable(), skip_unnormalized=True)
+    assert "skip_unnormalized=True skipped nothing" in report.hints[0].message
+
+
+@pytest.mark.parametrize("call", ["plan_conversion", "convert_model"])
+def test_skip_unnormalized_without_probe_warns_with_filterable_category(call: str) -> None:
+    assert issubclass(ProbeUnavailableWarning, UserWarning)
+    with pytest.warns(ProbeUnavailableWarning, match="skipped nothing.*input_shape"):
+        getattr(wsconvert, call)(Untraceable(), skip_unnormalized=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", category=ProbeUnavailableWarning)
+        getattr(wsconvert, call)(Untraceable(), skip_unnormalized=True)  # users can filter it
+
+
+class FailsOnInput(AllNormalized):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != 3:
+            raise RuntimeError("expected 3 channels")
+        return super().forward(x)
+
+
+def test_pooled_check_on_failing_input_warns_with_category() -> None:
+    with pytest.warns(ProbeUnavailableWarning, match="GroupNorm group sizes.*input_shape"):
+        wsconvert.convert_model(FailsOnInput(), gn=32, input_shape=(1, 5, 8, 8))
+
+
+def test_no_warning_when_probe_runs() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ProbeUnavailableWarning)
+        wsconvert.convert_model(Untraceable(), gn=32, skip_unnormalized=True, input_shape=(1, 3, 8, 8))
+        wsconvert.convert_model(AllNormalized(), gn=32, input_shape=(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+@pytest.mark.parametrize(
+    ("extra", "warned"), [([], True), (["--input-shape", "1,3,8,8"], False)], ids=["no-input", "input"]
+)
+def test_cli_prints_warning_line_on_stderr(tmp_path, as_json: bool, extra: list[str], warned: bool) -> None:
+    source = tmp_path / "in.pt"
+    torch.save(Untraceable().state_dict(), source)
+    args = [str(source), "-o", str(tmp_path / "out.pt"), "--arch", "test_report_hints:Untraceable", *extra]
+    result = CliRunner().invoke(main, args + (["--json"] if as_json else []))
+    assert result.exit_code == 0, result.output
+    warning_lines = [line for line in result.stderr.splitlines() if line.startswith("Warning: ")]
+    assert len(warning_lines) == int(warned)
+    if warned:
+        assert "torch.fx cannot trace" in warning_lines[0] and "--input-shape" in warning_lines[0]
+    if as_json:
+        hints = json.loads(result.stdout)["report"]["hints"]  # stdout is pure JSON, hints included
+        assert [h["kind"] for h in hints] == (["probe_unavailable"] if warned else ["unnormalized"])
