@@ -160,3 +160,14 @@ def test_cli_prints_warning_line_on_stderr(tmp_path, as_json: bool, extra: list[
     if as_json:
         hints = json.loads(result.stdout)["report"]["hints"]  # stdout is pure JSON, hints included
         assert [h["kind"] for h in hints] == (["probe_unavailable"] if warned else ["unnormalized"])
+
+
+def test_cli_skip_unnormalized_without_input_warns_once_in_its_own_format(tmp_path) -> None:
+    source = tmp_path / "in.pt"
+    torch.save(Untraceable().state_dict(), source)
+    args = [str(source), "-o", str(tmp_path / "out.pt"), "--arch", "test_report_hints:Untraceable"]
+    result = CliRunner().invoke(main, [*args, "--gn", "4", "--skip-unnormalized"])
+    assert result.exit_code == 0, result.output
+    assert "ProbeUnavailableWarning" not in result.stderr  # not Python's warning format on top of the line
+    warning_lines = [line for line in result.stderr.splitlines() if line.startswith("Warning: ")]
+    assert len(warning_lines) == 1 and "skip_unnormalized=True skipped nothing" in warning_lines[0]

@@ -13,13 +13,14 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import click
 
 from . import __version__
-from .errors import WSConvertError, caused_by
+from .errors import ProbeUnavailableWarning, WSConvertError, caused_by
 
 __all__ = ["main", "library_options"]
 
@@ -218,23 +219,26 @@ def main(**params: Any) -> None:  # noqa: D417 - click renders the options
     """
     progress = _Progress(_stderr_is_terminal() and not params["as_json"])
     # Imported here, inside click's handler: Ctrl-C during the torch import (most of a cold start) is Aborted!.
+    from .probe import SKIPPED_NOTHING
     from .rewrite import convert_checkpoint
 
     try:
-        result = convert_checkpoint(
-            params["input"],
-            params["output"],
-            options=library_options(params),
-            arch=params["arch"],
-            arch_kwargs=params["arch_kwargs"],
-            bake=params["bake"],
-            dry_run=params["dry_run"],
-            force=params["force"],
-            trust_pickle=params["trust_pickle"],
-            calibration=params["calibration"],
-            progress=progress.phase,
-            on_bytes=progress.bytes if progress.enabled else None,
-        )
+        with warnings.catch_warnings(record=True) as caught:  # said as Warning: lines below, not in Python's format
+            warnings.simplefilter("always", ProbeUnavailableWarning)
+            result = convert_checkpoint(
+                params["input"],
+                params["output"],
+                options=library_options(params),
+                arch=params["arch"],
+                arch_kwargs=params["arch_kwargs"],
+                bake=params["bake"],
+                dry_run=params["dry_run"],
+                force=params["force"],
+                trust_pickle=params["trust_pickle"],
+                calibration=params["calibration"],
+                progress=progress.phase,
+                on_bytes=progress.bytes if progress.enabled else None,
+            )
     except KeyboardInterrupt:
         progress.clear()
         raise
@@ -253,3 +257,8 @@ def main(**params: Any) -> None:  # noqa: D417 - click renders the options
     for hint in result.report.hints:  # a missing result, loudly (stderr keeps --json output pure JSON)
         if hint.warning:
             click.echo(f"Warning: {hint.message}", err=True)
+    for warning in caught:
+        if not issubclass(warning.category, ProbeUnavailableWarning):
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        elif not str(warning.message).startswith(SKIPPED_NOTHING):  # that one is the probe_unavailable hint
+            click.echo(f"Warning: {warning.message}", err=True)

@@ -64,6 +64,7 @@ __all__ = [
 ]
 
 # What to do when a check needs a forward pass and has none (or the trace failed): said by warnings and hints.
+SKIPPED_NOTHING = "skip_unnormalized=True skipped nothing"  # starts that warning; the CLI says it once
 INPUT_FIX = (
     "give an input the model runs on: example_inputs=(tensor,) or input_shape=(1, 3, 224, 224) "
     "(CLI --input-shape 1,3,224,224)"
@@ -541,7 +542,7 @@ def skip_unnormalized_steps(steps: list, probe: ProbeResult | None, options: Any
         return steps
     if not probe.available:
         warnings.warn(
-            f"skip_unnormalized=True skipped nothing: unnormalized-conv detection is {probe.describe()}; {INPUT_FIX}",
+            f"{SKIPPED_NOTHING}: unnormalized-conv detection is {probe.describe()}; {INPUT_FIX}",
             ProbeUnavailableWarning,
             stacklevel=3,
         )
