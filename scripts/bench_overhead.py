@@ -57,7 +57,7 @@ from torch.nn.utils import parametrize
 
 import wsconvert
 from wsconvert import WeightStandardization, bake, convert_model, recompute_in_backward, standardize_weight
-from wsconvert.standardize import _filters_as_rows, _standard
+from wsconvert.ws.standardize import _filters_as_rows, _standard
 
 EPS = 1e-5
 TRAIN_VARIANTS = ("plain", "wsconvert", "wsconvert-recompute", "timm", "var_mean", "paper")

@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import wsconvert  # noqa: E402
 from wsconvert import WeightStandardization, convert_model, plan_conversion  # noqa: E402
-from wsconvert.probe import norm_types, probe_unnormalized  # noqa: E402
+from wsconvert.probes.unnormalized import norm_types, probe_unnormalized  # noqa: E402
 
 GN = 32
 

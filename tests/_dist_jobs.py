@@ -208,7 +208,7 @@ def tiny_cnn() -> nn.Module:
 
 
 def fsdp2_eval_cache(rank: int, world_size: int, workdir: Path) -> dict[str, Any]:
-    """The sequence that served stale W_hat before wsconvert.fsdp: under no_grad, eval, update the sharded
+    """The sequence that served stale W_hat before wsconvert.ws.fsdp: under no_grad, eval, update the sharded
     parameters in place (as an EMA or a hand-written update does), eval again; compared with a fresh eval after
     clear_cache()."""
     from torch.distributed.fsdp import fully_shard

@@ -29,7 +29,7 @@ from click.testing import CliRunner, Result
 from safetensors import SafetensorError
 from torch import nn
 
-from wsconvert import checkpoint as ckpt
+from wsconvert.checkpoint import reader as ckpt
 from wsconvert.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -359,7 +359,7 @@ class FaultyFile:
 
 
 def inject_write_fault(monkeypatch: pytest.MonkeyPatch, fault: Callable[[], None], at: int = 3) -> None:
-    """Make the output file's writes fail: torch formats through ``open(tmp, "wb")`` in wsconvert.checkpoint,
+    """Make the output file's writes fail: torch formats through ``open(tmp, "wb")`` in wsconvert.checkpoint.reader,
     safetensors (written by Rust, no Python file) by replacing ``save_file`` with one that writes a part, then
     runs ``fault``."""
     import builtins
@@ -457,7 +457,7 @@ def test_input_truncated_while_writing_from_memory_is_reported(tmp_path: Path, m
 SUBPROCESS_PATCH = """
 import os, runpy, signal, sys
 import safetensors.torch, torch
-from wsconvert import checkpoint as ckpt
+from wsconvert.checkpoint import reader as ckpt
 fault, source = sys.argv[1], sys.argv[2]
 
 def act():

@@ -27,8 +27,8 @@ from torch import nn
 from torch.testing import assert_close
 
 from wsconvert import CheckpointError
-from wsconvert import archive as archive_module
-from wsconvert import checkpoint as ckpt
+from wsconvert.checkpoint import archive as archive_module
+from wsconvert.checkpoint import reader as ckpt
 from wsconvert.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")

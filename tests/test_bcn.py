@@ -1,4 +1,4 @@
-"""Batch-Channel Normalization (norm="bcn", issue 12): wsconvert.bcn against a reference written here.
+"""Batch-Channel Normalization (norm="bcn", issue 12): wsconvert.norms.bcn against a reference written here.
 
 The reference follows the description of BCN / EstBN in arXiv:1903.10520 and the authors' code
 (joe-siyuan-qiao/Batch-Channel-Normalization: ``BCNorm``, ``EstBN``), written independently of the module:
@@ -18,7 +18,7 @@ import torchvision
 from torch import nn
 
 import wsconvert
-from wsconvert import bcn
+from wsconvert.norms import bcn
 from wsconvert.errors import InvalidOptionError, WSConvertError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

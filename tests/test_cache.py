@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 from torch.testing import assert_close
 
 from wsconvert import WeightStandardization, bake, convert_model, standardize_weight
-from wsconvert import cached_weight as short_read
+from wsconvert.ws import cached_weight as short_read
 
 
 def ws_conv(**kwargs: object) -> nn.Conv2d:

@@ -26,7 +26,7 @@ from wsconvert import (
     convert_model,
     standardize_weight,
 )
-from wsconvert import cached_weight as short_read
+from wsconvert.ws import cached_weight as short_read
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 

@@ -1,4 +1,4 @@
-"""The short read path for ``conv.weight`` (wsconvert.cached_weight): same tensor as parametrize's getter, and
+"""The short read path for ``conv.weight`` (wsconvert.ws.cached_weight): same tensor as parametrize's getter, and
 parametrize's getter whenever skipping its machinery could change what anyone observes."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 from torch.testing import assert_close
 
 from wsconvert import WeightStandardization, bake, convert_model, standardize_weight
-from wsconvert import cached_weight as short_read
+from wsconvert.ws import cached_weight as short_read
 
 
 def converted_conv() -> nn.Conv2d:

@@ -16,9 +16,9 @@ from torch import nn
 
 import wsconvert
 from wsconvert import ArchitectureError, CheckpointError
-from wsconvert import checkpoint as ckpt
-from wsconvert.arch import arch_from_checkpoint, resolve_arch
-from wsconvert.rewrite import rewrite_state_dict
+from wsconvert.checkpoint import reader as ckpt
+from wsconvert.checkpoint.arch import arch_from_checkpoint, resolve_arch
+from wsconvert.checkpoint.rewrite import rewrite_state_dict
 
 # --- helpers used by the module:callable specs below -------------------------------------------------
 
@@ -452,7 +452,7 @@ def test_release_mapped_pages_keeps_values(tmp_path: Path) -> None:
 def test_pages_released_while_writing_give_the_same_output(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bake: bool
 ) -> None:
-    from wsconvert.rewrite import convert_checkpoint
+    from wsconvert.checkpoint.rewrite import convert_checkpoint
 
     original = _resnet()
     torch.save(original.state_dict(), tmp_path / "in.pt")
@@ -474,7 +474,7 @@ def test_pages_released_while_writing_give_the_same_output(
 
 
 def test_unknown_entries_are_rewritten_only_when_they_match_the_architecture(tmp_path: Path) -> None:
-    from wsconvert.rewrite import convert_checkpoint
+    from wsconvert.checkpoint.rewrite import convert_checkpoint
 
     model = _resnet()
     checkpoint = {

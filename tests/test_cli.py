@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import wsconvert
-from wsconvert import checkpoint as ckpt
+from wsconvert.checkpoint import reader as ckpt
 from wsconvert.cli import main
 
 RESNET_ARGS = ["--arch", "torchvision:resnet18", "--arch-kwargs", '{"num_classes": 10}']

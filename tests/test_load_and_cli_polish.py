@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import wsconvert
-from wsconvert import checkpoint as ckpt
-from wsconvert.arch import resolve_arch
+from wsconvert.checkpoint import reader as ckpt
+from wsconvert.checkpoint.arch import resolve_arch
 from wsconvert.cli import _Progress, main
 
 torch.set_num_threads(1)
@@ -164,7 +164,7 @@ def test_load_runs_no_pickled_code_from_a_state_dict_output(tmp_path: Path) -> N
         calls.append(path)
         return original(path, **kwargs)
 
-    import wsconvert.wholemodel as wholemodel
+    import wsconvert.checkpoint.wholemodel as wholemodel
 
     wholemodel.ckpt.load_checkpoint = spy  # type: ignore[assignment]
     try:

@@ -1,4 +1,4 @@
-"""Norm layers on globally pooled features get GroupNorm(1, C) when an example input shows it (wsconvert.pooled).
+"""Norm layers on globally pooled features get GroupNorm(1, C) when an example input shows it (wsconvert.probes.pooled).
 
 Regression for the zoo sweep failures of timm resnest14d, rexnet_100 and skresnet18: their BatchNorm after
 global pooling became GroupNorm(C, C) on one value per channel, which returns its bias whatever the input
@@ -14,7 +14,7 @@ from torch import nn
 from torchvision import models
 
 from wsconvert import convert_model, plan_conversion
-from wsconvert.pooled import norm_values_per_channel
+from wsconvert.probes.pooled import norm_values_per_channel
 
 X = torch.randn(1, 8, 12, 12)
 

@@ -24,8 +24,8 @@ from torch.nn.utils import parametrize
 import wsconvert
 from wsconvert.cli import main
 from wsconvert.errors import InvalidOptionError
-from wsconvert.preserve import filter_gain_shift
-from wsconvert.recompute import recompute_in_backward
+from wsconvert.ws.adaptive import filter_gain_shift
+from wsconvert.ws.recompute import recompute_in_backward
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -294,7 +294,7 @@ def test_calibration_lowers_the_error_against_data_free(cnn: nn.Module) -> None:
     x = torch.randn(16, 3, 12, 12)
     data_free = wsconvert.convert_model(cnn, gn=4, preserve=True)
     calibrated = wsconvert.convert_model(cnn, gn=4, preserve=True, calibration_data=x)
-    fidelity = wsconvert.fidelity.measure_fidelity
+    fidelity = wsconvert.preserve.fidelity.measure_fidelity
     free, cal = fidelity(cnn, data_free, x), fidelity(cnn, calibrated, x)
     assert [layer.path for layer in cal.layers] == ["1", "4"]
     for a, b in zip(cal.layers, free.layers, strict=True):

@@ -1,4 +1,4 @@
-"""The unnormalized-conv probe (wsconvert.probe) and its use by plan_conversion / convert_model."""
+"""The unnormalized-conv probe (wsconvert.probes.unnormalized) and its use by plan_conversion / convert_model."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torchvision import models
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from wsconvert import InvalidOptionError, convert_model, plan_conversion
-from wsconvert.probe import ProbeResult, is_norm_layer, probe_unnormalized
+from wsconvert.probes.unnormalized import ProbeResult, is_norm_layer, probe_unnormalized
 
 X = torch.randn(2, 4, 8, 8)
 

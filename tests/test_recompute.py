@@ -194,7 +194,7 @@ def test_compiled_training_matches_eager():
     recomputing.zero_grad(set_to_none=True)
     compiled(x).pow(2).mean().backward()
     for name, p in recomputing.named_parameters():
-        # Compiled WS uses var_mean + rsqrt (wsconvert.standardize): same formula, different rounding.
+        # Compiled WS uses var_mean + rsqrt (wsconvert.ws.standardize): same formula, different rounding.
         assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-4)
 
 

@@ -12,7 +12,7 @@ import torch
 from torch.testing import assert_close
 
 from wsconvert import WeightStandardization, standardize_weight
-from wsconvert.standardize import _standard_compiled, _standard_direct
+from wsconvert.ws.standardize import _standard_compiled, _standard_direct
 
 
 def reference(w: torch.Tensor, eps: float) -> torch.Tensor:

@@ -10,20 +10,24 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import _moved
+
 __version__ = "0.1.0"
+
+_moved.install(__name__)  # old flat module paths (wsconvert.probe, ...) keep working
 
 # public name -> the submodule that defines it
 _PUBLIC = {
     "convert_model": "convert",
     "plan_conversion": "convert",
     "bake": "convert",
-    "load": "wholemodel",
-    "recompute_in_backward": "recompute",
-    "recomputes_in_backward": "recompute",
+    "load": "checkpoint.wholemodel",
+    "recompute_in_backward": "ws.recompute",
+    "recomputes_in_backward": "ws.recompute",
     "is_standardized": "rules",
-    "standardize_weight": "standardize",
-    "WeightStandardization": "standardize",
-    "BatchChannelNorm": "bcn",
+    "standardize_weight": "ws.standardize",
+    "WeightStandardization": "ws.standardize",
+    "BatchChannelNorm": "norms.bcn",
     "ConversionReport": "report",
     "WSConvertError": "errors",
     "InvalidOptionError": "errors",
@@ -53,14 +57,14 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names as eager imports
-    from .bcn import BatchChannelNorm
+    from .checkpoint.wholemodel import load
     from .convert import bake, convert_model, plan_conversion
     from .errors import ArchitectureError, CheckpointError, InvalidOptionError, UnsupportedModuleError, WSConvertError
-    from .recompute import recompute_in_backward, recomputes_in_backward
+    from .norms.bcn import BatchChannelNorm
     from .report import ConversionReport
     from .rules import is_standardized
-    from .standardize import WeightStandardization, standardize_weight
-    from .wholemodel import load
+    from .ws.recompute import recompute_in_backward, recomputes_in_backward
+    from .ws.standardize import WeightStandardization, standardize_weight
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,4 @@
-"""The ``wsconvert`` command: a thin click layer over ``wsconvert.rewrite.convert_checkpoint``.
+"""The ``wsconvert`` command: a thin click layer over ``wsconvert.checkpoint.rewrite.convert_checkpoint``.
 
 Expected failures (a WSConvertError) become one ``Error: ...`` line on stderr and exit code 1; click
 reports usage errors with exit code 2. Ctrl-C is click's ``Aborted!`` (exit 1) wherever it lands, also
@@ -219,8 +219,8 @@ def main(**params: Any) -> None:  # noqa: D417 - click renders the options
     """
     progress = _Progress(_stderr_is_terminal() and not params["as_json"])
     # Imported here, inside click's handler: Ctrl-C during the torch import (most of a cold start) is Aborted!.
-    from .probe import SKIPPED_NOTHING
-    from .rewrite import convert_checkpoint
+    from .checkpoint.rewrite import convert_checkpoint
+    from .probes.unnormalized import SKIPPED_NOTHING
 
     try:
         with warnings.catch_warnings(record=True) as caught:  # said as Warning: lines below, not in Python's format

@@ -9,26 +9,25 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import compat
-from .bcn import bake_batch_channel_norms, preserve_batch_channel_norms
-from .calibrate import calibration_batches, eval_mode, run_model
 from .errors import InvalidOptionError, UnsupportedModuleError, WSConvertError
-from .fidelity import Fidelity
-from .integrations import check_unwrapped
+from .integrations.wrappers import check_unwrapped
+from .norms.bcn import bake_batch_channel_norms, preserve_batch_channel_norms
 from .options import ConversionOptions
-from .pooled import one_group_for_pooled_norms, pooled_norm_sizes
-from .preserve import add_preserve_notes, finish, remove_gain_shift_hook
-from .probe import (
+from .preserve.calibrate import calibration_batches, eval_mode, run_model
+from .preserve.fidelity import Fidelity
+from .preserve.steps import add_preserve_notes, finish
+from .probes.pooled import one_group_for_pooled_norms, pooled_norm_sizes
+from .probes.unnormalized import (
     ProbeResult,
     add_probe_to_report,
     probe_unnormalized,
     resolve_example_inputs,
     skip_unnormalized_steps,
 )
-from .recompute import recompute_in_backward
 from .report import ConversionReport
-from .standardize import WeightStandardization
 from .walk import Step, apply, build_report, plan
+from .ws.bake import bake_conv, own_parametrized_class
+from .ws.recompute import recompute_in_backward
 
 __all__ = ["plan_conversion", "convert_model", "bake"]
 
@@ -54,8 +53,8 @@ def _check_eager(model: nn.Module) -> None:
 
 
 def _copy(model: nn.Module) -> nn.Module:
-    """A deep copy whose parametrized modules own their classes (see ``_own_parametrized_class``): registering
-    WS on a conv that already carries a parametrization (on its bias, say) adds a property to that class."""
+    """A deep copy whose parametrized modules own their classes (``wsconvert.ws.bake.own_parametrized_class``):
+    registering WS on a conv that already carries a parametrization (on its bias, say) adds a property there."""
     try:
         copied = copy.deepcopy(model)
     except Exception as error:  # deepcopy runs arbitrary user __deepcopy__/__reduce__ code
@@ -65,7 +64,7 @@ def _copy(model: nn.Module) -> nn.Module:
         ) from error
     for module in copied.modules():
         if parametrize.is_parametrized(module):
-            _own_parametrized_class(module)
+            own_parametrized_class(module)
     return copied
 
 
@@ -91,11 +90,11 @@ def plan_conversion(
 
     ``inplace`` is accepted so the same keyword arguments can be passed to both functions. The report
     also lists the convs whose output feeds no normalization layer (``report.unnormalized``, found by
-    ``wsconvert.probe``): by torch.fx tracing, or, when the model cannot be traced, by one forward pass
+    ``wsconvert.probes.unnormalized``): by torch.fx tracing, or, when the model cannot be traced, by one forward pass
     on ``example_inputs`` (a tuple of positional arguments, or one argument such as a Tensor), run in
     eval mode without gradients. ``input_shape=(1, 3, 224, 224)`` is shorthand for a random normal
     ``example_inputs`` of that shape on the model's device and dtype. With an input, norm layers that
-    see one value per channel (after global pooling) become ``GroupNorm(1, C)`` (see wsconvert.pooled).
+    see one value per channel (after global pooling) become ``GroupNorm(1, C)`` (see wsconvert.probes.pooled).
     """
     options = ConversionOptions.build(
         gn=gn,
@@ -210,7 +209,7 @@ def _convert(
     steps = _planned(target, options, example, probe)
     converted = apply(target, steps, options)
     if options.preserve:
-        preserve_batch_channel_norms(converted, steps)  # data-free group affines (wsconvert.bcn)
+        preserve_batch_channel_norms(converted, steps)  # data-free group affines (wsconvert.norms.bcn)
     return converted, finish(converted, steps, options, reference, batches)
 
 
@@ -233,23 +232,6 @@ def _planned(model: nn.Module, options: ConversionOptions, example: object, prob
     return one_group_for_pooled_norms(steps, pooled_norm_sizes(model, example, options.gn))
 
 
-def _only_standardization(module: nn.Module) -> bool:
-    chain = module.parametrizations["weight"]
-    return len(chain) > 0 and all(isinstance(p, WeightStandardization) for p in chain)
-
-
-def _own_parametrized_class(module: nn.Module) -> None:
-    """Give ``module`` a private copy of its ``Parametrized<Cls>`` class.
-
-    parametrize creates that class per module, but ``copy.deepcopy`` shares it between the original and
-    the copy, and ``remove_parametrizations`` deletes the property from the class (``register_parametrization``
-    adds one): without this, baking or converting a copy would break the original model.
-    """
-    cls = type(module)
-    namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
-
-
 def bake(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Replace every WS parametrization by its current standardized weight, as a plain Parameter.
 
@@ -259,11 +241,6 @@ def bake(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """
     target = _check_model(model) if inplace else _copy(_check_model(model))
     recompute_in_backward(target, enabled=False)  # its hooks only serve the parametrization removed here
-    with torch.no_grad():
-        for module in target.modules():
-            if parametrize.is_parametrized(module, "weight") and _only_standardization(module):
-                _own_parametrized_class(module)
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-                compat.remove_plain_weight_hook(module)
-                remove_gain_shift_hook(module)  # the baked weight is W_eff: nothing left to fill
+    for module in target.modules():
+        bake_conv(module)
     return bake_batch_channel_norms(target)

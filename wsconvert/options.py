@@ -6,9 +6,9 @@ import fnmatch
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .bcn import validate_estimate
 from .errors import InvalidOptionError
-from .standardize import validate_eps, validate_style
+from .norms.bcn import validate_estimate
+from .ws.standardize import validate_eps, validate_style
 
 __all__ = ["ConversionOptions"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from .fidelity import Fidelity
-from .probe import INPUT_FIX
+from .preserve.fidelity import Fidelity
+from .probes.unnormalized import INPUT_FIX
 
 __all__ = ["ConvertedModule", "SkippedModule", "GroupFallback", "UnnormalizedConv", "Hint", "ConversionReport"]
 
@@ -38,7 +38,7 @@ class GroupFallback:
 
 @dataclass(frozen=True)
 class UnnormalizedConv:
-    """A conv whose output feeds something other than a normalization layer (see wsconvert.probe)."""
+    """A conv whose output feeds something other than a normalization layer (see wsconvert.probes.unnormalized)."""
 
     path: str
     type: str
@@ -69,11 +69,11 @@ class ConversionReport:
     skipped: list[SkippedModule] = field(default_factory=list)
     group_fallbacks: list[GroupFallback] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    # Convs whose output feeds no normalization layer, and how that was found (wsconvert.probe):
+    # Convs whose output feeds no normalization layer, and how that was found (wsconvert.probes.unnormalized):
     # "" when not probed, else the method, or "unavailable: <why>".
     unnormalized: list[UnnormalizedConv] = field(default_factory=list)
     unnormalized_detection: str = ""
-    # With preserve=True and calibration data: agreement with the original model (wsconvert.fidelity).
+    # With preserve=True and calibration data: agreement with the original model (wsconvert.preserve.fidelity).
     fidelity: Fidelity | None = None
 
     def to_dict(self) -> dict:

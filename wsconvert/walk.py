@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 from .errors import WSConvertError
 from .options import ConversionOptions
 from .report import ConversionReport, ConvertedModule, GroupFallback, SkippedModule
-from .rules import RULES, Decision, Rule, type_name
+from .rules.builtin import RULES, Decision, Rule, type_name
 
 __all__ = ["Site", "Step", "find_sites", "plan", "apply", "build_report", "carry_module_state"]
 

@@ -1,4 +1,4 @@
-"""Function-preserving conversion (``preserve=True``): Adaptive WS gain/shift on every standardized conv.
+"""Adaptive Weight Standardization: the per-filter gain/shift that makes a standardized conv compute its trained weight.
 
 Weight Standardization replaces a trained filter W0 by W_hat = (W0 - mean) / sigma, which changes what the
 model computes. Adaptive Weight Standardization (DetectoRS, Qiao et al. 2020, arXiv:2006.02334; mmcv
@@ -13,28 +13,23 @@ input.
 The buffers live on the conv's WeightStandardization module (``<conv>.parametrizations.weight.0.gain`` /
 ``.shift``, shape (out_channels,); ConvTranspose per output channel too). Like ConvAWS2d, loading a state dict
 that carries no gain/shift for a conv (a plain, unconverted checkpoint) sets them from the weight being loaded
-(``_fill_gain_shift``, a load_state_dict pre-hook next to wsconvert.compat's), so
+(``_fill_gain_shift``, a load_state_dict pre-hook next to wsconvert.ws.compat's), so
 ``convert_model(arch(), preserve=True).load_state_dict(plain)`` reproduces the plain model; a state dict that
 carries them keeps them.
 
-GroupNorm affines (with ``gn=G``) are set in wsconvert.calibrate; ``finish`` runs both after the walk.
+``preserve=True`` (wsconvert.preserve.steps) installs them on every standardized conv; GroupNorm affines are set
+in wsconvert.preserve.calibrate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
-from . import calibrate
-from .fidelity import Fidelity, measure_fidelity
-from .options import ConversionOptions
-from .report import ConversionReport
+from .detect import standardization
 from .standardize import WeightStandardization, _filters_as_rows
 
-__all__ = ["filter_gain_shift", "preserve_convs", "finish", "add_preserve_notes", "remove_gain_shift_hook"]
+__all__ = ["filter_gain_shift", "install_gain_shift", "remove_gain_shift_hook"]
 
 _PREFIX = "parametrizations.weight."
 _GAIN, _SHIFT = _PREFIX + "0.gain", _PREFIX + "0.shift"
@@ -58,18 +53,10 @@ def filter_gain_shift(weight: Tensor, ws: WeightStandardization) -> tuple[Tensor
         return gain.to(weight.dtype), mean.to(weight.dtype)
 
 
-def _standardization(conv: nn.Module) -> WeightStandardization | None:
-    if not parametrize.is_parametrized(conv, "weight"):
-        return None
-    chain = conv.parametrizations["weight"]
-    ws = chain[0]
-    return ws if len(chain) == 1 and isinstance(ws, WeightStandardization) else None
-
-
 def _fill_gain_shift(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
     """load_state_dict pre-hook: a conv entry without gain/shift gets them from the weight being loaded
     (ConvAWS2d's rule), so the loaded model computes what a plain conv with that weight computes."""
-    ws = _standardization(module)
+    ws = standardization(module, alone=True)
     if ws is None or ws._buffers.get("gain") is None:
         return
     gain_key, shift_key = prefix + _GAIN, prefix + _SHIFT
@@ -92,63 +79,13 @@ def remove_gain_shift_hook(module: nn.Module) -> None:
         del hooks[key]
 
 
-def preserve_convs(steps: Sequence) -> int:
-    """Give every conv standardized by ``steps`` gain/shift from its current weight (W_eff == W) and the
-    load hook. Returns how many convs got them."""
-    count = 0
-    for step in steps:
-        if step.decision.action != "standardize":
-            continue
-        conv = step.site.module
-        ws = _standardization(conv)
-        if ws is None:
-            continue
-        ws.set_affine(*filter_gain_shift(conv.parametrizations.weight.original, ws))
-        if not _has_hook(conv):
-            conv.register_load_state_dict_pre_hook(_fill_gain_shift)
-        count += 1
-    return count
-
-
-def finish(
-    converted: nn.Module,
-    steps: Sequence,
-    options: ConversionOptions,
-    reference: nn.Module | None,
-    batches: list[Tensor] | None,
-) -> Fidelity | None:
-    """After the walk: gain/shift on the convs, GroupNorm affines from the BatchNorms (data-free), then, with
-    calibration ``batches``, the layer-by-layer fit and the fidelity measurement against ``reference`` (the
-    unconverted model). Returns the fidelity (None without batches)."""
-    if not options.preserve:
-        return None
-    preserve_convs(steps)
-    pairs = calibrate.norm_pairs(converted, steps)
-    calibrate.set_affines_from_batchnorm(pairs)
-    if batches is None or reference is None:
-        return None
-    fitted = calibrate.fit_affines(reference, converted, pairs, batches)
-    methods = {path: ("calibrated" if path in fitted else "data-free") for path, _, _ in pairs}
-    return measure_fidelity(reference, converted, batches, methods=methods)
-
-
-def add_preserve_notes(report: ConversionReport, steps: Sequence, options: ConversionOptions) -> None:
-    """Say in the report what preserve=True does to this model."""
-    if not options.preserve:
-        return
-    convs = sum(1 for step in steps if step.decision.action == "standardize")
-    report.notes.append(
-        f"preserve: {convs} standardized conv(s) get Adaptive WS gain/shift buffers (W_eff = gain * W_hat + shift, "
-        "equal to the current weight at conversion; DetectoRS arXiv:2006.02334)"
-    )
-    replaced = sum(1 for step in steps if step.decision.action == "replace")
-    if replaced and options.norm == "bcn":
-        report.notes.append(
-            f"preserve: the per-group affine of the {replaced} BatchChannelNorm(s) is set data-free from the kept "
-            "BatchNorm's running statistics and affine (calibration_data does not refine BatchChannelNorm layers)"
-        )
-    elif replaced:
-        report.notes.append(
-            f"preserve: the affine of the {replaced} GroupNorm(s) is set from the replaced BatchNorm's running "
-            "statistics and affine (data-free), or fitted layer by layer with calibration_data"
-        )
+def install_gain_shift(conv: nn.Module) -> bool:
+    """Give a conv standardized by one WeightStandardization gain/shift from its current weight (W_eff == W)
+    and the load hook that fills them from a plain checkpoint. False when ``conv`` is not such a conv."""
+    ws = standardization(conv, alone=True)
+    if ws is None:
+        return False
+    ws.set_affine(*filter_gain_shift(conv.parametrizations.weight.original, ws))
+    if not _has_hook(conv):
+        conv.register_load_state_dict_pre_hook(_fill_gain_shift)
+    return True

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ProbeUnavailableWarning
-from .probe import INPUT_FIX, _as_args, _error_text, norm_types
+from ..errors import ProbeUnavailableWarning
+from .unnormalized import INPUT_FIX, _as_args, _error_text, norm_types
 
 __all__ = ["norm_values_per_channel", "one_group_for_pooled_norms", "pooled_norm_sizes"]
 
@@ -74,7 +74,7 @@ def one_group_for_pooled_norms(steps: list, sizes: dict[str, int]) -> list:
 
     ``steps`` are ``wsconvert.walk.Step``s; only "replace" decisions that choose groups are changed.
     """
-    from .walk import Step
+    from ..walk import Step
 
     changed = []
     for step in steps:

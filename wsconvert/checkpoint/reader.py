@@ -45,8 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import CheckpointError, caused_by
 from .archive import inspect_zip
-from .errors import CheckpointError, caused_by
 
 __all__ = [
     "INFO_KEY",
@@ -329,7 +329,7 @@ def _legacy_protocol(path: Path) -> int:
 def _torch_load(path: Path, fmt: str, trust_pickle: bool) -> tuple[Any, bool]:
     """torch.load with the allowlist; returns (object, whether its tensors are memory-mapped).
 
-    Zip archives are inspected first (:func:`wsconvert.archive.inspect_zip`): bounded, and mapped only when
+    Zip archives are inspected first (:func:`wsconvert.checkpoint.archive.inspect_zip`): bounded, and mapped only when
     every tensor record is stored uncompressed and aligned, otherwise read into memory (the values torch.load
     returns without mmap). Protocol 2 pickles use torch's weights_only unpickler, later protocols
     :class:`_AllowlistUnpickler`; anything outside the allowlist needs ``trust_pickle``.

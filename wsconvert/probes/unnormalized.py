@@ -49,7 +49,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .errors import InvalidOptionError, ProbeUnavailableWarning
+from ..errors import InvalidOptionError, ProbeUnavailableWarning
 
 __all__ = [
     "INPUT_FIX",
@@ -535,8 +535,8 @@ def skip_unnormalized_steps(steps: list, probe: ProbeResult | None, options: Any
     ``steps`` are ``wsconvert.walk.Step``s; a step is matched to the probe by its module's first path.
     When detection is unavailable nothing is skipped and a warning says so (the report notes it too).
     """
-    from .rules import Decision
-    from .walk import Step
+    from ..rules.builtin import Decision
+    from ..walk import Step
 
     if probe is None or not options.skip_unnormalized:
         return steps
@@ -559,8 +559,8 @@ def skip_unnormalized_steps(steps: list, probe: ProbeResult | None, options: Any
 
 def add_probe_to_report(report: Any, steps: list, probe: ProbeResult, options: Any) -> Any:
     """Fill ``report.unnormalized`` / ``unnormalized_detection`` and add notes on what the probe could not see."""
-    from .report import UnnormalizedConv
-    from .rules import type_name
+    from ..report import UnnormalizedConv
+    from ..rules.builtin import type_name
 
     sites = {step.site.paths[0]: step.site for step in steps}
     report.unnormalized_detection = probe.describe()

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-from .errors import CheckpointError, InvalidOptionError, WSConvertError
+from ..errors import CheckpointError, InvalidOptionError, WSConvertError
 
 __all__ = [
     "NormPair",

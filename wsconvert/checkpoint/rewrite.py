@@ -25,13 +25,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import checkpoint as ckpt
+from ..convert import bake as bake_model
+from ..convert import convert_measured, convert_model, plan_conversion
+from ..errors import ArchitectureError, CheckpointError, InvalidOptionError
+from ..preserve.calibrate import load_calibration_file
+from ..report import ConversionReport
+from . import reader as ckpt
 from .arch import Architecture, arch_from_checkpoint, resolve_arch
-from .calibrate import load_calibration_file
-from .convert import bake as bake_model
-from .convert import convert_measured, convert_model, plan_conversion
-from .errors import ArchitectureError, CheckpointError, InvalidOptionError
-from .report import ConversionReport
 
 __all__ = [
     "WHOLE_MODEL_FORMAT",
@@ -259,7 +259,7 @@ def rewrite_state_dict(
     consumed. Keys outside the model's prefix (e.g. AveragedModel's ``n_averaged``) are kept as they are.
     ``release`` (drop the memory-mapped input's resident pages) is called while baking. With
     ``calibration_data`` (``preserve=True``; the skeleton must then hold real tensors) the GroupNorm affines
-    are fitted on it and ``report.fidelity`` is filled (wsconvert.calibrate).
+    are fitted on it and ``report.fidelity`` is filled (wsconvert.preserve.calibrate).
     Raises CheckpointError naming the first missing, unexpected and size-mismatched keys.
     """
     expected = skeleton.state_dict()
@@ -676,6 +676,6 @@ def _copied(module: nn.Module) -> nn.Module:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from .errors import InvalidOptionError, UnsupportedModuleError, WSConvertError
+from ..errors import InvalidOptionError, UnsupportedModuleError, WSConvertError
 from .fsdp import fsdp2_in_use
 
 __all__ = [
@@ -173,7 +173,7 @@ def standardize_weight_keeping_stats(
 
     The statistics come from the same ``native_layer_norm`` call that produces W_hat (contiguous float32
     weights, "standard" style, eager), so ``(W - mean) * rstd`` rebuilds W_hat in one elementwise pass
-    (wsconvert.recompute). Elsewhere the second element is None and W_hat is rebuilt from scratch.
+    (wsconvert.ws.recompute). Elsewhere the second element is None and W_hat is rebuilt from scratch.
     """
     if (
         style == "standard"
@@ -253,7 +253,7 @@ class WeightStandardization(nn.Module):
         # None (absent from the state dict) unless set_affine() gave them values.
         self.register_buffer("gain", None)
         self.register_buffer("shift", None)
-        # Set by wsconvert.recompute around a conv forward: remember the W_hat handed to the conv and the
+        # Set by wsconvert.ws.recompute around a conv forward: remember the W_hat handed to the conv and the
         # statistics that rebuild it.
         self._record = False
         self._recorded: tuple[Tensor, tuple[Tensor, Tensor] | None] | None = None
@@ -305,7 +305,7 @@ class WeightStandardization(nn.Module):
 
     def cached_result(self, weight: Tensor) -> Tensor | None:
         """The cached W_hat if it is valid for ``weight`` right now, else None: the one cache-hit rule, used by
-        ``forward`` and by wsconvert.cached_weight's short read path. Read-only: never fills, clears or computes.
+        ``forward`` and by wsconvert.ws.cached_weight's short read path. Read-only: never fills, clears or computes.
         """
         # The checks of forward's cached branch, inlined: this runs once per conv per eval forward.
         if _is_compiling() or _is_tracing():  # first: dynamo must not guard on the cache
@@ -364,7 +364,7 @@ class WeightStandardization(nn.Module):
         checkpoint does; reading ``conv.weight`` afterwards gives WS(X), not X.
 
         W stays the same Parameter (optimizers keep tracking it). convert_model's property setter
-        (wsconvert.cached_weight) first checks X against W's shape, dtype and device, then copies X into W; on a
+        (wsconvert.ws.cached_weight) first checks X against W's shape, dtype and device, then copies X into W; on a
         parametrization registered by hand, parametrize ``set_``s W onto X's data instead. Clears the cache.
         """
         if not isinstance(value, Tensor):
@@ -455,5 +455,5 @@ def _in_graph_capture() -> bool:
 
 def _must_recompute(weight: Tensor) -> bool:
     """True when the result must be built fresh: gradients flow to W, a compiler/tracer is recording, or FSDP2
-    is in use (its all-gathers rewrite W without a version bump; see wsconvert.fsdp)."""
+    is in use (its all-gathers rewrite W without a version bump; see wsconvert.ws.fsdp)."""
     return (weight.requires_grad and torch.is_grad_enabled()) or _in_graph_capture() or fsdp2_in_use()

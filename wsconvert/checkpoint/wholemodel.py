@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint as ckpt
+from ..convert import convert_model
+from ..errors import ArchitectureError, CheckpointError, InvalidOptionError
+from . import reader as ckpt
 from .arch import resolve_arch
-from .convert import convert_model
-from .errors import ArchitectureError, CheckpointError, InvalidOptionError
 from .rewrite import WHOLE_MODEL_FORMAT
 
 __all__ = ["load", "MAIN_ENTRIES"]

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ArchitectureError
+from ..errors import ArchitectureError
 
 __all__ = ["Architecture", "resolve_arch", "arch_from_checkpoint"]
 

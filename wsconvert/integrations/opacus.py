@@ -1,9 +1,4 @@
-"""Glue for training engines: the convert-first ordering rule, and Opacus per-sample gradients.
-
-DDP, FSDP2, torch.compile, autocast and the exporters take a converted model as it is (docs/integrations.md),
-provided the model is converted *before* it is wrapped: a wrapper captures the modules and parameters it sees
-when it wraps (DDP's gradient buckets, FSDP2's DTensor shards, compiled graphs, Opacus's layer hooks), so
-``check_unwrapped`` makes convert_model / plan_conversion / bake refuse a wrapped model with the way out.
+"""Opacus per-sample gradients of converted models.
 
 Opacus does not take a converted model as it is, for a reason in its module walk (opacus 1.5-1.6,
 opacus/grad_sample/grad_sample_module.py):
@@ -24,69 +19,16 @@ sample). Modules without a WS parametrization are handled exactly as before.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 
 from torch import nn
-from torch.nn.utils import parametrize
 
-from .errors import InvalidOptionError, WSConvertError
-from .standardize import WeightStandardization
+from ..errors import WSConvertError
+from ..ws.detect import has_standardization
 
-__all__ = ["check_unwrapped", "enable_opacus", "find_wrapper", "has_standardization"]
-
-# (module, class, what users call it, where the bare model is). Looked up in sys.modules only: a model can
-# only contain a wrapper whose module is already imported, and wsconvert imports none of them itself.
-_WRAPPERS = (
-    ("torch.nn.parallel.distributed", "DistributedDataParallel", "DistributedDataParallel", ".module"),
-    ("torch.nn.parallel.data_parallel", "DataParallel", "DataParallel", ".module"),
-    ("torch._dynamo.eval_frame", "OptimizedModule", "torch.compile", "._orig_mod"),
-    ("torch.distributed.fsdp", "FSDPModule", "FSDP2 fully_shard", "a model built afresh"),
-    (
-        "torch.distributed.fsdp.fully_sharded_data_parallel",
-        "FullyShardedDataParallel",
-        "FullyShardedDataParallel",
-        "a model built afresh",
-    ),
-    ("opacus.grad_sample.gsm_base", "AbstractGradSampleModule", "Opacus GradSampleModule", "._module"),
-)
+__all__ = ["enable_opacus"]
 
 _MARK = "_wsconvert_opacus"
-
-
-def has_standardization(module: nn.Module) -> bool:
-    """True if one of ``module``'s own tensors is computed by a WeightStandardization parametrization."""
-    if not parametrize.is_parametrized(module):
-        return False
-    return any(isinstance(p, WeightStandardization) for chain in module.parametrizations.values() for p in chain)
-
-
-def find_wrapper(model: nn.Module) -> tuple[str, str, str] | None:
-    """``(module path, wrapper name, where the bare model is)`` of the first training wrapper in ``model``."""
-    kinds = []
-    for module_name, class_name, label, bare in _WRAPPERS:
-        cls = getattr(sys.modules.get(module_name), class_name, None)
-        if isinstance(cls, type):
-            kinds.append((cls, label, bare))
-    if not kinds:
-        return None
-    for path, module in model.named_modules():
-        for cls, label, bare in kinds:
-            if isinstance(module, cls):
-                return path or "the model", label, bare
-    return None
-
-
-def check_unwrapped(model: nn.Module) -> None:
-    """Raise InvalidOptionError if ``model`` is, or contains, a DDP / FSDP / torch.compile / Opacus wrapper."""
-    found = find_wrapper(model)
-    if found is not None:
-        path, label, bare = found
-        raise InvalidOptionError(
-            f"{path} is wrapped by {label}: convert the bare model first, then wrap it (a wrapper captures the "
-            f"modules and parameters it sees when it wraps; see docs/integrations.md). Pass the unwrapped model "
-            f"({bare}) instead"
-        )
 
 
 def _trainable(module: nn.Module) -> bool:

@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
-from .errors import InvalidOptionError
+from ..errors import InvalidOptionError
 
 __all__ = [
     "BatchChannelNorm",
@@ -447,7 +447,7 @@ def preserve_batch_channel_norms(root: nn.Module, steps: object) -> int:
     """:func:`data_free_group_affine` on every BatchChannelNorm the walk's ``steps`` placed under ``root``
     (``preserve=True``); returns how many. The BatchNorm part is the trained BatchNorm itself, so with this the
     converted layer starts from the function the BatchNorm computed (exact under the running-statistics
-    assumption). calibration_data does not refine it (wsconvert.calibrate fits GroupNorm affines only)."""
+    assumption). calibration_data does not refine it (wsconvert.preserve.calibrate fits GroupNorm affines only)."""
     count = 0
     for step in steps:
         if step.decision.action != "replace" or not step.site.parents:
@@ -495,7 +495,7 @@ def baked(bcn: BatchChannelNorm) -> nn.Sequential:
 
 def bake_batch_channel_norms(root: nn.Module) -> nn.Module:
     """Replace every BatchChannelNorm under ``root`` (at every path it has) by :func:`baked`; the new root."""
-    from .walk import carry_module_state, find_sites  # walk imports the rules, which import this module
+    from ..walk import carry_module_state, find_sites  # walk imports the rules, which import this module
 
     for site in find_sites(root):
         if not isinstance(site.module, BatchChannelNorm):

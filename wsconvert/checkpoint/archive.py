@@ -17,7 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 __all__ = ["PICKLE_MAX_BYTES", "PICKLE_BYTES_PER_RECORD", "INFLATE_FREE_BYTES", "INFLATE_MAX_RATIO", "Archive",
            "inspect_zip"]  # fmt: skip

@@ -29,9 +29,9 @@ import threading
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
-from .errors import WSConvertError
+from ..errors import WSConvertError
+from .detect import standardization
 from .fsdp import fsdp2_in_use
 from .standardize import WeightStandardization, standardize_weight
 
@@ -80,14 +80,6 @@ class _Recipe:
         return ws.adapt(standardize_weight(self.weight, ws.eps, ws.style, transposed=ws.transposed, groups=ws.groups))
 
 
-def _standardization(conv: nn.Module) -> WeightStandardization | None:
-    if not parametrize.is_parametrized(conv, "weight"):
-        return None
-    chain = conv.parametrizations.weight
-    ws = chain[0]
-    return ws if len(chain) == 1 and isinstance(ws, WeightStandardization) else None
-
-
 class _RecomputeHooks:
     """The forward pre-hook and always-called forward hook of one standardized conv.
 
@@ -108,7 +100,7 @@ class _RecomputeHooks:
         if torch.compiler.is_compiling():  # first: nothing below should be traced into a graph
             return
         stack = self._stack()
-        ws = _standardization(conv)
+        ws = standardization(conv, alone=True)
         weight = conv.parametrizations.weight.original if ws is not None else None
         if (
             weight is None
@@ -177,7 +169,7 @@ def recompute_in_backward(model: nn.Module, enabled: bool = True) -> int:
         raise WSConvertError(f"enabled={enabled!r} must be True or False")
     switched = 0
     for conv in model.modules():
-        if _standardization(conv) is None:
+        if standardization(conv, alone=True) is None:
             continue
         present = _installed(conv)
         if enabled and not present:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 from torch.nn.utils import parametrize
 
-from .errors import WSConvertError
+from ..errors import WSConvertError
 from .standardize import WeightStandardization
 
 __all__ = ["check_assignment", "install"]

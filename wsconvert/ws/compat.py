@@ -10,9 +10,8 @@ acts only while the conv is standardized, so it is inert after ``remove_parametr
 from __future__ import annotations
 
 from torch import nn
-from torch.nn.utils import parametrize
 
-from .standardize import WeightStandardization
+from .detect import standardization
 
 __all__ = ["accept_plain_weight", "ignore_running_statistics", "remove_plain_weight_hook"]
 
@@ -20,16 +19,10 @@ _ORIGINAL_WEIGHT = "parametrizations.weight.original"
 _RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def _standardized(module: nn.Module) -> bool:
-    if not parametrize.is_parametrized(module, "weight"):
-        return False
-    return any(isinstance(p, WeightStandardization) for p in module.parametrizations["weight"])
-
-
 def _rename_plain_weight(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
     # Decided at load time: after torch's own remove_parametrizations the conv has a plain weight again.
     plain, original = prefix + "weight", prefix + _ORIGINAL_WEIGHT
-    if plain in state_dict and original not in state_dict and _standardized(module):
+    if plain in state_dict and original not in state_dict and standardization(module) is not None:
         state_dict[original] = state_dict.pop(plain)
 
 

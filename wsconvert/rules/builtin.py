@@ -21,10 +21,11 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
-from . import bcn, cached_weight, compat
-from .errors import UnsupportedModuleError
-from .options import ConversionOptions
-from .standardize import WeightStandardization
+from ..errors import UnsupportedModuleError
+from ..norms import bcn
+from ..options import ConversionOptions
+from ..ws import cached_weight, compat
+from ..ws.standardize import WeightStandardization
 
 __all__ = ["Decision", "Rule", "RULES", "choose_groups", "is_standardized", "type_name"]
 

@@ -1,0 +1,1 @@
+"""Normalization layers wsconvert adds: Batch-Channel Normalization and estimated BatchNorm (bcn)."""

@@ -1,0 +1,71 @@
+"""Function-preserving conversion (``preserve=True``), run after the walk.
+
+Every standardized conv gets Adaptive WS gain/shift (wsconvert.ws.adaptive: W_eff = gain * W_hat + shift,
+equal to the trained W at conversion; DetectoRS, Qiao et al. 2020, arXiv:2006.02334); every GroupNorm that
+replaced a BatchNorm gets its affine from that BatchNorm's statistics or from calibration data
+(wsconvert.preserve.calibrate); with calibration data the agreement is measured (wsconvert.preserve.fidelity).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from ..options import ConversionOptions
+from ..report import ConversionReport
+from ..ws.adaptive import install_gain_shift
+from . import calibrate
+from .fidelity import Fidelity, measure_fidelity
+
+__all__ = ["preserve_convs", "finish", "add_preserve_notes"]
+
+
+def preserve_convs(steps: Sequence) -> int:
+    """Give every conv standardized by ``steps`` gain/shift from its current weight (W_eff == W) and the
+    load hook. Returns how many convs got them."""
+    return sum(1 for step in steps if step.decision.action == "standardize" and install_gain_shift(step.site.module))
+
+
+def finish(
+    converted: nn.Module,
+    steps: Sequence,
+    options: ConversionOptions,
+    reference: nn.Module | None,
+    batches: list[Tensor] | None,
+) -> Fidelity | None:
+    """After the walk: gain/shift on the convs, GroupNorm affines from the BatchNorms (data-free), then, with
+    calibration ``batches``, the layer-by-layer fit and the fidelity measurement against ``reference`` (the
+    unconverted model). Returns the fidelity (None without batches)."""
+    if not options.preserve:
+        return None
+    preserve_convs(steps)
+    pairs = calibrate.norm_pairs(converted, steps)
+    calibrate.set_affines_from_batchnorm(pairs)
+    if batches is None or reference is None:
+        return None
+    fitted = calibrate.fit_affines(reference, converted, pairs, batches)
+    methods = {path: ("calibrated" if path in fitted else "data-free") for path, _, _ in pairs}
+    return measure_fidelity(reference, converted, batches, methods=methods)
+
+
+def add_preserve_notes(report: ConversionReport, steps: Sequence, options: ConversionOptions) -> None:
+    """Say in the report what preserve=True does to this model."""
+    if not options.preserve:
+        return
+    convs = sum(1 for step in steps if step.decision.action == "standardize")
+    report.notes.append(
+        f"preserve: {convs} standardized conv(s) get Adaptive WS gain/shift buffers (W_eff = gain * W_hat + shift, "
+        "equal to the current weight at conversion; DetectoRS arXiv:2006.02334)"
+    )
+    replaced = sum(1 for step in steps if step.decision.action == "replace")
+    if replaced and options.norm == "bcn":
+        report.notes.append(
+            f"preserve: the per-group affine of the {replaced} BatchChannelNorm(s) is set data-free from the kept "
+            "BatchNorm's running statistics and affine (calibration_data does not refine BatchChannelNorm layers)"
+        )
+    elif replaced:
+        report.notes.append(
+            f"preserve: the affine of the {replaced} GroupNorm(s) is set from the replaced BatchNorm's running "
+            "statistics and affine (data-free), or fitted layer by layer with calibration_data"
+        )
