@@ -18,8 +18,8 @@ import torchvision
 from torch import nn
 
 import wsconvert
-from wsconvert.norms import bcn
 from wsconvert.errors import InvalidOptionError, WSConvertError
+from wsconvert.norms import bcn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
