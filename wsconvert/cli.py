@@ -10,7 +10,6 @@ is lazy), the command imports them inside click, whose handler turns KeyboardInt
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 import warnings
@@ -20,7 +19,9 @@ from typing import Any
 import click
 
 from . import __version__
+from .cli_options import declared_option, declared_options
 from .errors import ProbeUnavailableWarning, WSConvertError, caused_by
+from .options import keyword_arguments
 
 __all__ = ["main", "library_options"]
 
@@ -39,22 +40,22 @@ Exit codes:
   2  usage error
 """
 
-# The command-line options that are convert_model / plan_conversion keyword arguments, in one place:
-# a new library option is one more name here plus its click option below.
-LIBRARY_OPTIONS = ("gn", "eps", "style", "include", "exclude", "skip_depthwise", "skip_unnormalized", "input_shape")
-
 
 def library_options(params: dict[str, Any]) -> dict[str, Any]:
-    """The keyword arguments for convert_model / plan_conversion from the command's parameters."""
-    options = {name: params[name] for name in LIBRARY_OPTIONS if name in params}
-    for name in ("norm", "bcn_estimate"):  # recorded only when given, so earlier outputs' option records stay
-        if params.get(name) is not None:
-            options[name] = params[name]
-    for name in ("include", "exclude"):
-        if name in options:
-            options[name] = list(options[name]) or None
-    if params.get("preserve"):  # recorded only when set, so earlier outputs' option records stay as they were
-        options["preserve"] = True
+    """The keyword arguments for convert_model / plan_conversion from the command's parameters.
+
+    Derived from the declaration (``wsconvert.options``): the options recorded even at their default first,
+    then the newer ones, recorded only when given, so that earlier outputs' option records stay as they were.
+    """
+    declared = [option for option in keyword_arguments() if option.flag is not None and option.name in params]
+    options: dict[str, Any] = {}
+    for option in sorted(declared, key=lambda option: not option.recorded_at_default):
+        value = params[option.name]
+        if option.multiple:
+            value = list(value) or None
+        at_default = type(value) is type(option.default) and value == option.default  # 0.0 is given, not None
+        if option.recorded_at_default or not at_default:
+            options[option.name] = value
     return options
 
 
@@ -80,12 +81,6 @@ def _input_shape(ctx: click.Context, param: click.Parameter, value: str | None) 
     if not shape or any(d < 1 for d in shape):
         raise click.BadParameter(f"{value!r} must be comma-separated positive integers, e.g. 1,3,224,224")
     return shape
-
-
-def _positive_eps(ctx: click.Context, param: click.Parameter, value: float) -> float:
-    if not math.isfinite(value) or value <= 0:
-        raise click.BadParameter(f"{value} must be a finite number > 0 (default 1e-5)")
-    return value
 
 
 def _stderr_is_terminal() -> bool:
@@ -141,20 +136,7 @@ class _Progress:
 @click.option(
     "-o", "--output", type=click.Path(path_type=Path), help="Output file [default: INPUT's <stem>.ws<suffix>]."
 )
-@click.option(
-    "--gn", type=click.IntRange(min=1), help="Replace BatchNorm with GroupNorm of G groups (largest divisor of C <= G)."
-)
-@click.option(
-    "--norm",
-    type=click.Choice(["gn", "bcn"]),
-    help="With --gn, what replaces BatchNorm: gn GroupNorm [default], bcn Batch-Channel Normalization.",
-)
-@click.option(
-    "--bcn-estimate",
-    metavar="R",
-    type=float,
-    help="With --norm bcn: estimated BatchNorm part, statistics updated at rate R (0 < R <= 1).",
-)
+@declared_options("gn", "norm", "bcn_estimate")
 @click.option(
     "--arch", metavar="SPEC", help="Model of a state dict: torchvision:NAME, timm:NAME or package.module:callable."
 )
@@ -164,37 +146,9 @@ class _Progress:
     callback=_json_object,
     help="Keyword arguments for --arch, e.g. '{\"num_classes\": 10}'.",
 )
-@click.option(
-    "--eps", type=float, default=1e-5, show_default=True, callback=_positive_eps, help="Epsilon of the standardization."
-)
-@click.option(
-    "--style",
-    type=click.Choice(["standard", "paper"]),
-    default="standard",
-    show_default=True,
-    help="standard: (W-mean)/sqrt(var+eps); paper: (W-mean)/(std+eps).",
-)
-@click.option(
-    "--include", multiple=True, metavar="GLOB", help="Only convert modules whose dotted path matches (repeatable)."
-)
-@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave modules whose dotted path matches (repeatable).")
-@click.option("--skip-depthwise", is_flag=True, help="Do not standardize depthwise convs.")
-@click.option(
-    "--skip-unnormalized",
-    is_flag=True,
-    help="Do not standardize convs whose output feeds no norm layer (SE convs, heads; docs/unnormalized.md).",
-)
-@click.option(
-    "--input-shape",
-    metavar="N,C,H,W",
-    callback=_input_shape,
-    help="Random input of this shape for the unnormalized-conv probe when torch.fx cannot trace the model.",
-)
-@click.option(
-    "--preserve",
-    is_flag=True,
-    help="Keep what the trained model computes: Adaptive WS gain/shift, GroupNorm affines from BatchNorm.",
-)
+@declared_options("eps", "style", "include", "exclude", "skip_depthwise", "skip_unnormalized")
+@declared_option("input_shape", callback=_input_shape)
+@declared_options("preserve")
 @click.option(
     "--calibration",
     metavar="FILE",
