@@ -20,6 +20,8 @@ _moved.install(__name__)  # old flat module paths (wsconvert.probe, ...) keep wo
 _PUBLIC = {
     "convert_model": "convert",
     "plan_conversion": "convert",
+    "make_plan": "plan",
+    "Plan": "plan",
     "bake": "convert",
     "load": "checkpoint.wholemodel",
     "recompute_in_backward": "ws.recompute",
@@ -39,6 +41,8 @@ _PUBLIC = {
 __all__ = [
     "convert_model",
     "plan_conversion",
+    "make_plan",
+    "Plan",
     "bake",
     "load",
     "recompute_in_backward",
@@ -61,6 +65,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as eager imports
     from .convert import bake, convert_model, plan_conversion
     from .errors import ArchitectureError, CheckpointError, InvalidOptionError, UnsupportedModuleError, WSConvertError
     from .norms.bcn import BatchChannelNorm
+    from .plan import Plan, make_plan
     from .report import ConversionReport
     from .rules import is_standardized
     from .ws.recompute import recompute_in_backward, recomputes_in_backward

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-from .preserve.fidelity import Fidelity
-from .probes.unnormalized import INPUT_FIX
+if TYPE_CHECKING:  # the report only holds a Fidelity; preserve (above this layer) builds it
+    from .preserve.fidelity import Fidelity
+
+# What to do when a check needs a forward pass and has none (or the trace failed): said by warnings and hints.
+INPUT_FIX = (
+    "give an input the model runs on: example_inputs=(tensor,) or input_shape=(1, 3, 224, 224) "
+    "(CLI --input-shape 1,3,224,224)"
+)
 
 __all__ = ["ConvertedModule", "SkippedModule", "GroupFallback", "UnnormalizedConv", "Hint", "ConversionReport"]
 
@@ -30,6 +37,10 @@ class SkippedModule:
 
 @dataclass(frozen=True)
 class GroupFallback:
+    """A norm layer whose requested groups do not divide its channels, and the groups used instead (the largest
+    divisor below). A norm given one group because it sees one value per channel (wsconvert.probes.pooled) is not
+    one: its decision's note says so."""
+
     path: str
     channels: int
     requested: int

@@ -8,9 +8,10 @@ and places a replacement at every one of them. Applying is all or nothing: a fai
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -19,7 +20,17 @@ from .options import ConversionOptions
 from .report import ConversionReport, ConvertedModule, GroupFallback, SkippedModule
 from .rules.builtin import RULES, Decision, Rule, type_name
 
-__all__ = ["Site", "Step", "find_sites", "plan", "apply", "build_report", "carry_module_state"]
+__all__ = [
+    "Site",
+    "Step",
+    "Transaction",
+    "find_sites",
+    "plan",
+    "apply",
+    "build_report",
+    "report_fields",
+    "carry_module_state",
+]
 
 # Hook dictionaries moved to a replacement. The replacement shares the very dict objects, so the
 # RemovableHandle a user holds still removes the hook.
@@ -86,6 +97,12 @@ def plan(root: nn.Module, options: ConversionOptions, rules: Sequence[Rule] = RU
             decision = Decision("skip", reason=reason)
         else:
             decision = rule.decide(site.module, site.paths[0], options)
+            if not isinstance(decision, Decision):
+                raise WSConvertError(
+                    f"rule {rule.name!r} decided {type(decision).__name__} {decision!r} for "
+                    f"{site.paths[0] or '<model>'} ({type_name(site.module)}); a rule's decide must return a "
+                    "wsconvert.rules.Decision"
+                )
         steps.append(Step(site, rule, decision))
     return steps
 
@@ -144,33 +161,82 @@ def _own_state(module: nn.Module) -> list[nn.Module]:
     return [module, module.parametrizations, *module.parametrizations.values()]
 
 
-def _failure(step: Step, error: Exception) -> WSConvertError:
+class Transaction:
+    """The undo log of one conversion: module snapshots, parent swaps and tensor values, put back last first.
+
+    ``walk.apply`` records its changes here; ``wsconvert.plan.Plan.apply`` also records what the preserve step
+    writes (``keep_values``), so a failure anywhere leaves the model as it was. ``where`` names what was being
+    done, for the one error raised at the boundary (``error``).
+    """
+
+    def __init__(self) -> None:
+        self.actions: list[Callable[[], None]] = []
+        self.where = ""
+
+    def snapshot(self, module: nn.Module) -> None:
+        self.actions.extend(_ModuleSnapshot(m).restore for m in _own_state(module))
+
+    def swap(self, parent: nn.Module, name: str, new: nn.Module) -> None:
+        self.actions.append(functools.partial(parent._modules.__setitem__, name, parent._modules[name]))
+        parent._modules[name] = new
+
+    def keep_values(self, tensors: Sequence) -> None:
+        """Record the current values of ``tensors`` (the same tensor objects get them back on rollback)."""
+        saved = [(t, t.detach().clone()) for t in tensors]
+
+        def restore() -> None:
+            with torch.no_grad():
+                for tensor, value in saved:
+                    tensor.copy_(value)
+
+        self.actions.append(restore)
+
+    def rollback(self) -> str:
+        """Undo everything recorded; what failed to be put back, as one line (empty when everything was)."""
+        actions, self.actions = self.actions, []
+        return _undo(actions)
+
+    def error(self, error: Exception) -> WSConvertError:
+        """Roll back and describe ``error`` once, naming ``where`` it happened."""
+        unrestored = self.rollback()
+        message = (
+            f"{self.where or 'converting the model'} failed: {type(error).__name__}: {error}. "
+            "The model was left as it was (what was done before was undone)"
+        )
+        if unrestored:
+            return WSConvertError(
+                f"{message}; but undoing it failed too ({unrestored}): the model may be partly converted, rebuild it"
+            )
+        try:
+            return type(error)(message) if isinstance(error, WSConvertError) else WSConvertError(message)
+        except Exception:  # a subclass with another signature
+            return WSConvertError(message)
+
+
+def _where(step: Step) -> str:
     path = step.site.paths[0] or "<model>"
-    message = (
-        f"converting {path} ({type_name(step.site.module)}, rule {step.rule.name!r}) failed: "
-        f"{type(error).__name__}: {error}. The model was left as it was (what was done before was undone)"
-    )
-    try:
-        return type(error)(message) if isinstance(error, WSConvertError) else WSConvertError(message)
-    except Exception:  # a subclass with another signature
-        return WSConvertError(message)
+    return f"converting {path} ({type_name(step.site.module)}, rule {step.rule.name!r})"
 
 
-def apply(root: nn.Module, steps: Sequence[Step], options: ConversionOptions) -> nn.Module:
+def apply(
+    root: nn.Module, steps: Sequence[Step], options: ConversionOptions, *, undo: Transaction | None = None
+) -> nn.Module:
     """Carry out a plan made on ``root``; returns the new root (a replacement when the root itself was).
 
     Transactional: every in-place change and every swap in a parent is recorded, and on any exception they
     are undone in reverse order, so ``root`` is left exactly as it was (the same module objects, classes,
-    Parameter objects, hooks and state dict keys). The error is a WSConvertError naming the module.
+    Parameter objects, hooks and state dict keys). The error is a WSConvertError naming the module. Given an
+    ``undo`` Transaction, the changes are recorded there and, on failure, left for its owner to roll back (the
+    error passes through as it is, with ``undo.where`` naming the module): the owner is the one boundary.
     """
-    undo: list[Callable[[], None]] = []
-    step: Step | None = None
+    transaction = Transaction() if undo is None else undo
     try:
         for step in steps:
             if step.decision.action == "skip":
                 continue
+            transaction.where = _where(step)
             old = step.site.module
-            undo.extend(_ModuleSnapshot(m).restore for m in _own_state(old))
+            transaction.snapshot(old)
             new = step.rule.apply(old, step.decision, options)
             if new is old:
                 continue
@@ -179,18 +245,14 @@ def apply(root: nn.Module, steps: Sequence[Step], options: ConversionOptions) ->
                 if parent is None:
                     root = new
                 else:
-                    undo.append(functools.partial(parent._modules.__setitem__, name, parent._modules[name]))
-                    parent._modules[name] = new
+                    transaction.swap(parent, name, new)
     except BaseException as error:
-        unrestored = _undo(undo)
-        if not isinstance(error, Exception) or step is None:
+        if undo is not None:
             raise
-        failure = _failure(step, error)
-        if unrestored:
-            failure = WSConvertError(
-                f"{failure}; but undoing it failed too ({unrestored}): the model may be partly converted, rebuild it"
-            )
-        raise failure from error
+        if not isinstance(error, Exception) or not transaction.where:
+            transaction.rollback()
+            raise
+        raise transaction.error(error) from error
     return root
 
 
@@ -206,28 +268,50 @@ def _undo(actions: list[Callable[[], None]]) -> str:
 
 
 def build_report(steps: Sequence[Step], options: ConversionOptions) -> ConversionReport:
-    report = ConversionReport(options=options.to_dict())
+    """The report of ``steps`` alone (no probe findings); wsconvert.plan builds the full one with report_fields."""
+    return ConversionReport(**report_fields(steps, options))
+
+
+def report_fields(
+    steps: Sequence[Step], options: ConversionOptions, *, one_group: Collection[int] = frozenset()
+) -> dict:
+    """The ConversionReport fields that ``steps`` determine: options, converted, skipped, group_fallbacks, notes.
+
+    A group count that differs from ``options.gn`` is a fallback (the requested groups do not divide the
+    channels) unless the module's id is in ``one_group``: given one group because it sees one value per channel
+    (wsconvert.probes.pooled), which its decision's note says.
+    """
+    converted: list[ConvertedModule] = []
+    skipped: list[SkippedModule] = []
+    fallbacks: list[GroupFallback] = []
+    notes: list[str] = []
     replaced = False
     for step in steps:
         site, decision = step.site, step.decision
         path, also_at = site.paths[0], tuple(site.paths[1:])
         if decision.action == "skip":
-            report.skipped.append(SkippedModule(path, type_name(site.module), decision.reason, also_at))
+            skipped.append(SkippedModule(path, type_name(site.module), decision.reason, also_at))
             continue
         action = "standardized" if decision.action == "standardize" else "replaced"
         replaced = replaced or action == "replaced"
-        report.converted.append(ConvertedModule(path, type_name(site.module), decision.becomes, action, also_at))
-        if decision.groups is not None and decision.groups != options.gn:
-            report.group_fallbacks.append(GroupFallback(path, decision.channels, options.gn, decision.groups))
-        report.notes.extend(decision.notes)
+        converted.append(ConvertedModule(path, type_name(site.module), decision.becomes, action, also_at))
+        if decision.groups is not None and decision.groups != options.gn and id(site.module) not in one_group:
+            fallbacks.append(GroupFallback(path, decision.channels, options.gn, decision.groups))
+        notes.extend(decision.notes)
     if replaced and options.norm == "bcn":
-        report.notes.append(
+        notes.append(
             "replaced BatchNorm layers are kept, running statistics included, as the `bn` part of their "
             "BatchChannelNorm; the new per-group affine starts at weight 1, bias 0"
         )
     elif replaced:
-        report.notes.append(
+        notes.append(
             "running statistics (running_mean, running_var, num_batches_tracked) of replaced BatchNorm layers "
             "are dropped: GroupNorm normalizes each sample with its own statistics"
         )
-    return report
+    return {
+        "options": options.to_dict(),
+        "converted": converted,
+        "skipped": skipped,
+        "group_fallbacks": fallbacks,
+        "notes": notes,
+    }

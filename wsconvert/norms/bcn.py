@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import warnings
 from collections import OrderedDict
 
@@ -35,6 +34,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
+from .._optional import loaded_type
 from ..errors import InvalidOptionError
 
 __all__ = [
@@ -307,9 +307,9 @@ def _dim_of(norm: nn.Module) -> int:
 
 def _frozen_inner(norm: nn.Module, channels: int) -> nn.Module:
     """A frozen BatchNorm of the same family as ``norm`` (statistics and affine fixed), sharing its tensors."""
-    vision = sys.modules.get("torchvision.ops.misc")
-    if vision is not None and isinstance(norm, vision.FrozenBatchNorm2d):
-        inner = vision.FrozenBatchNorm2d(channels, eps=norm.eps)
+    vision_frozen = loaded_type("torchvision.ops.misc", "FrozenBatchNorm2d")
+    if vision_frozen is not None and isinstance(norm, vision_frozen):
+        inner = vision_frozen(channels, eps=norm.eps)
     else:
         from timm.layers.norm_act import FrozenBatchNorm2d  # a timm frozen layer: timm is importable
 

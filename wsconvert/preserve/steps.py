@@ -12,19 +12,35 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from ..norms.bcn import preserve_batch_channel_norms
 from ..options import ConversionOptions
 from ..report import ConversionReport
 from ..ws.adaptive import install_gain_shift
 from . import calibrate
 from .fidelity import Fidelity, measure_fidelity
 
-__all__ = ["preserve_convs", "finish", "add_preserve_notes"]
+__all__ = ["preserve_convs", "finish", "preserved_tensors", "preserve_notes", "add_preserve_notes"]
 
 
 def preserve_convs(steps: Sequence) -> int:
     """Give every conv standardized by ``steps`` gain/shift from its current weight (W_eff == W) and the
     load hook. Returns how many convs got them."""
     return sum(1 for step in steps if step.decision.action == "standardize" and install_gain_shift(step.site.module))
+
+
+def preserved_tensors(steps: Sequence, options: ConversionOptions) -> list[Tensor]:
+    """The existing tensors ``finish`` may write: those of every replaced module (a GroupNorm inherits its
+    BatchNorm's weight/bias Parameter objects and gets new values copied in). New modules and buffers (a
+    BatchChannelNorm's group affine, gain/shift) are dropped by the walk's undo anyway. A Transaction keeps
+    these values (``wsconvert.walk.Transaction.keep_values``), so a failing preserve step can be undone."""
+    if not options.preserve:
+        return []
+    seen: dict[int, Tensor] = {}
+    for step in steps:
+        if step.decision.action == "replace":
+            for tensor in [*step.site.module.parameters(), *step.site.module.buffers()]:
+                seen.setdefault(id(tensor), tensor)
+    return list(seen.values())
 
 
 def finish(
@@ -34,11 +50,13 @@ def finish(
     reference: nn.Module | None,
     batches: list[Tensor] | None,
 ) -> Fidelity | None:
-    """After the walk: gain/shift on the convs, GroupNorm affines from the BatchNorms (data-free), then, with
-    calibration ``batches``, the layer-by-layer fit and the fidelity measurement against ``reference`` (the
-    unconverted model). Returns the fidelity (None without batches)."""
+    """After the walk: data-free BatchChannelNorm affines (wsconvert.norms.bcn), gain/shift on the convs,
+    GroupNorm affines from the BatchNorms (data-free), then, with calibration ``batches``, the layer-by-layer fit
+    and the fidelity measurement against ``reference`` (the unconverted model). Returns the fidelity (None
+    without batches). What it writes in existing tensors is ``preserved_tensors(steps, options)``."""
     if not options.preserve:
         return None
+    preserve_batch_channel_norms(converted, steps)
     preserve_convs(steps)
     pairs = calibrate.norm_pairs(converted, steps)
     calibrate.set_affines_from_batchnorm(pairs)
@@ -49,23 +67,29 @@ def finish(
     return measure_fidelity(reference, converted, batches, methods=methods)
 
 
-def add_preserve_notes(report: ConversionReport, steps: Sequence, options: ConversionOptions) -> None:
-    """Say in the report what preserve=True does to this model."""
+def preserve_notes(steps: Sequence, options: ConversionOptions) -> list[str]:
+    """What the report says preserve=True does to this model (none without preserve)."""
     if not options.preserve:
-        return
+        return []
     convs = sum(1 for step in steps if step.decision.action == "standardize")
-    report.notes.append(
+    notes = [
         f"preserve: {convs} standardized conv(s) get Adaptive WS gain/shift buffers (W_eff = gain * W_hat + shift, "
         "equal to the current weight at conversion; DetectoRS arXiv:2006.02334)"
-    )
+    ]
     replaced = sum(1 for step in steps if step.decision.action == "replace")
     if replaced and options.norm == "bcn":
-        report.notes.append(
+        notes.append(
             f"preserve: the per-group affine of the {replaced} BatchChannelNorm(s) is set data-free from the kept "
             "BatchNorm's running statistics and affine (calibration_data does not refine BatchChannelNorm layers)"
         )
     elif replaced:
-        report.notes.append(
+        notes.append(
             f"preserve: the affine of the {replaced} GroupNorm(s) is set from the replaced BatchNorm's running "
             "statistics and affine (data-free), or fitted layer by layer with calibration_data"
         )
+    return notes
+
+
+def add_preserve_notes(report: ConversionReport, steps: Sequence, options: ConversionOptions) -> None:
+    """Append ``preserve_notes`` to ``report`` (for reports built in parts; wsconvert.plan builds it once)."""
+    report.notes.extend(preserve_notes(steps, options))

@@ -18,8 +18,9 @@ model do not. A conv called several times must be normalized at every call.
 Normalization layers (``NORM_TYPES``): torch's BatchNorm/SyncBatchNorm (and subclasses such as timm's
 BatchNormAct2d), GroupNorm (including the GroupNorm/GroupNormAct that conversion produces), LayerNorm
 (timm's LayerNorm2d, LayerNormAct), InstanceNorm, RMSNorm; torchvision's and timm's FrozenBatchNorm2d;
-timm's FrozenBatchNormAct2d, RmsNorm*, SimpleNorm* and EvoNorm layers. The functional forms
-(``F.batch_norm``, ``F.group_norm``, ``F.layer_norm``, ``F.instance_norm``, ``F.rms_norm``) count too.
+timm's FrozenBatchNormAct2d, RmsNorm*, SimpleNorm* and EvoNorm layers; types given to
+``wsconvert.rules.declare_norm``; modules a rule of kind "norm" matches (``wsconvert.rules.is_norm``). The
+functional forms (``F.batch_norm``, ``F.group_norm``, ``F.layer_norm``, ``F.instance_norm``, ``F.rms_norm``) count too.
 LocalResponseNorm does not (it is not scale-invariant).
 
 Two methods, tried in order:
@@ -36,39 +37,43 @@ When neither works the result is ``"unavailable"`` with the reasons; nothing is 
 
 from __future__ import annotations
 
-import sys
+import contextlib
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx, nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.conv import _ConvNd
-from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ..errors import InvalidOptionError, ProbeUnavailableWarning
+from ..report import INPUT_FIX
+from ..rules import kinds
+from ..rules.kinds import OPTIONAL_NORMS as _OPTIONAL_NORMS  # noqa: F401  # moved to wsconvert.rules.kinds
+from ..rules.kinds import is_conv
+
+if TYPE_CHECKING:
+    from ..rules.base import Rule
 
 __all__ = [
     "INPUT_FIX",
     "METHODS",
     "NORM_FUNCTIONS",
     "SCALE_PRESERVING_OPS",
+    "HookProbe",
     "ProbeResult",
     "is_norm_layer",
     "norm_types",
     "probe_unnormalized",
     "resolve_example_inputs",
+    "run_forward",
+    "start_probe",
 ]
 
 # What to do when a check needs a forward pass and has none (or the trace failed): said by warnings and hints.
 SKIPPED_NOTHING = "skip_unnormalized=True skipped nothing"  # starts that warning; the CLI says it once
-INPUT_FIX = (
-    "give an input the model runs on: example_inputs=(tensor,) or input_shape=(1, 3, 224, 224) "
-    "(CLI --input-shape 1,3,224,224)"
-)
 
 NORM_FUNCTIONS = frozenset(
     {
@@ -145,41 +150,16 @@ _SCALE_PRESERVING_MODULES: tuple[type, ...] = (
     nn.ChannelShuffle,
 )
 
-_TORCH_NORMS: tuple[type, ...] = (_BatchNorm, nn.GroupNorm, nn.LayerNorm, _InstanceNorm) + (
-    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
-)
-
-_OPTIONAL_NORMS = {
-    "torchvision.ops.misc": ("FrozenBatchNorm2d",),
-    "timm.layers.norm_act": ("FrozenBatchNorm2d", "FrozenBatchNormAct2d", "RmsNormAct", "RmsNormAct2d"),
-    "timm.layers.norm": ("RmsNorm", "RmsNorm2d", "RmsNormFp32", "RmsNorm2dFp32", "SimpleNorm", "SimpleNorm2d"),
-    "timm.layers.evo_norm": (
-        "EvoNorm2dB0",
-        "EvoNorm2dB1",
-        "EvoNorm2dB2",
-        "EvoNorm2dS0",
-        "EvoNorm2dS0a",
-        "EvoNorm2dS1",
-        "EvoNorm2dS1a",
-        "EvoNorm2dS2",
-        "EvoNorm2dS2a",
-    ),
-}
-
 
 def norm_types() -> tuple[type, ...]:
-    """The module classes counted as normalization layers (optional packages only when already imported)."""
-    found = list(_TORCH_NORMS)
-    for module_name, names in _OPTIONAL_NORMS.items():
-        loaded = sys.modules.get(module_name)
-        if loaded is not None:
-            found += [getattr(loaded, n) for n in names if isinstance(getattr(loaded, n, None), type)]
-    return tuple(found)
+    """The module classes counted as normalization layers (optional packages only when already imported, declared
+    types too); see ``wsconvert.rules.kinds`` (``is_norm`` also counts modules matched by a rule of kind "norm")."""
+    return kinds.norm_types()
 
 
-def is_norm_layer(module: nn.Module) -> bool:
-    """True when ``module`` is one of :func:`norm_types`."""
-    return isinstance(module, norm_types())
+def is_norm_layer(module: nn.Module, rules: Sequence[Rule] | None = None) -> bool:
+    """True when ``module`` is a normalization layer (``wsconvert.rules.is_norm``; ``rules`` are a call's own)."""
+    return kinds.is_norm(module, rules)
 
 
 @dataclass(frozen=True)
@@ -197,10 +177,19 @@ class ProbeResult:
     unnormalized: dict[str, str] = field(default_factory=dict)
     normalized: tuple[str, ...] = ()
     unreached: tuple[str, ...] = ()
+    # id(conv module) -> its path above, so findings join to planned steps by module identity (feeds_of).
+    conv_paths: dict[int, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def available(self) -> bool:
         return self.method != "unavailable"
+
+    def feeds_of(self, module: nn.Module, path: str) -> str | None:
+        """What ``module``'s output feeds instead of a norm layer, or None; found by identity (``path`` is
+        used only for a result built without ``conv_paths``)."""
+        if self.conv_paths:
+            path = self.conv_paths.get(id(module))
+        return None if path is None else self.unnormalized.get(path)
 
     def describe(self) -> str:
         """One line for reports: the method used, or why detection is unavailable."""
@@ -216,7 +205,7 @@ class _Findings:
     def __init__(self, model: nn.Module) -> None:
         self.convs: dict[int, str] = {}
         for path, module in model.named_modules():
-            if isinstance(module, _ConvNd):
+            if is_conv(module):
                 self.convs.setdefault(id(module), path)
         self.consumers: dict[int, list[str]] = {}
         self.normed: set[int] = set()
@@ -241,7 +230,7 @@ class _Findings:
                 normalized.append(path)
             else:
                 unnormalized[path] = "nothing (output unused)"
-        return ProbeResult(method, detail, unnormalized, tuple(normalized), tuple(unreached))
+        return ProbeResult(method, detail, unnormalized, tuple(normalized), tuple(unreached), dict(self.convs))
 
 
 def _error_text(error: BaseException) -> str:
@@ -263,7 +252,7 @@ class _LeafTracer(fx.Tracer):
         self._norms = norms
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, (_ConvNd, *self._norms)):
+        if is_conv(m) or isinstance(m, self._norms):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -310,7 +299,7 @@ def _fx_probe(model: nn.Module, findings: _Findings, norms: tuple[type, ...]) ->
                 return "norm", ""
             if isinstance(module, _SCALE_PRESERVING_MODULES) or _zero_constant_pad(module):
                 return "pass", ""
-            return "consumer", type(module).__name__ if not isinstance(module, _ConvNd) else _conv_name(module)
+            return "consumer", type(module).__name__ if not is_conv(module) else _conv_name(module)
         name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
         if name in NORM_FUNCTIONS:
             return "norm", ""
@@ -324,7 +313,7 @@ def _fx_probe(model: nn.Module, findings: _Findings, norms: tuple[type, ...]) ->
         if node.op != "call_module":
             continue
         module = model.get_submodule(node.target)
-        if not isinstance(module, _ConvNd):
+        if not is_conv(module):
             continue
         conv_id = id(module)
         findings.ran.add(conv_id)
@@ -414,43 +403,92 @@ class _FlowMode(TorchFunctionMode):
         return result
 
 
-def _hook_probe(model: nn.Module, inputs: tuple, findings: _Findings, norms: tuple[type, ...]) -> None:
-    flow = _Flow(findings)
-    handles = []
+class HookProbe:
+    """The hook method as an observer of one forward pass (``run_forward``): tags each conv's output, follows the
+    tags with a ``TorchFunctionMode`` and records what consumes them. ``fx_failure`` says why fx was not used."""
 
-    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if flow.depth == 0:
-            sources = flow.sources((args, kwargs))
-            if sources:
-                if isinstance(module, norms):
-                    findings.normed |= sources
-                else:
-                    findings.consume(sources, _conv_name(module))
-        flow.depth += 1
+    def __init__(self, model: nn.Module, norms: tuple[type, ...], fx_failure: str, method: str) -> None:
+        self.model, self.norms, self.fx_failure, self.method = model, norms, fx_failure, method
+        self.findings = _Findings(model)
+        self.flow = _Flow(self.findings)
+        self.handles: list = []
+        self.mode = _FlowMode(self.flow)
 
-    def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        flow.depth -= 1
-        if flow.depth == 0 and isinstance(module, _ConvNd):
-            findings.ran.add(id(module))
-            flow.tag(output, {id(module)}, replace=True)
+    def __enter__(self) -> Any:
+        flow, findings, norms = self.flow, self.findings, self.norms
 
-    for module in model.modules():
-        if isinstance(module, (_ConvNd, *norms)):
-            handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True))
-            handles.append(module.register_forward_hook(post_hook, with_kwargs=True, always_call=True))
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if flow.depth == 0:
+                sources = flow.sources((args, kwargs))
+                if sources:
+                    if isinstance(module, norms):
+                        findings.normed |= sources
+                    else:
+                        findings.consume(sources, _conv_name(module))
+            flow.depth += 1
+
+        def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            flow.depth -= 1
+            if flow.depth == 0 and is_conv(module):
+                findings.ran.add(id(module))
+                flow.tag(output, {id(module)}, replace=True)
+
+        try:
+            for module in self.model.modules():
+                if is_conv(module) or isinstance(module, norms):
+                    self.handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True))
+                    self.handles.append(module.register_forward_hook(post_hook, with_kwargs=True, always_call=True))
+            self.mode.__enter__()
+        except BaseException:
+            self._remove()
+            raise
+        return self.saw_output
+
+    def saw_output(self, output: Any) -> None:
+        sources = self.flow.sources(output)
+        if sources:
+            self.findings.consume(sources, "model output")
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.mode.__exit__(*exc)
+        finally:
+            self._remove()
+
+    def _remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def result(self, failure: str) -> ProbeResult:
+        """The finding after the forward pass; ``failure`` is ``run_forward``'s error text ('' when it ran)."""
+        if failure:
+            detail = f"{self.fx_failure}; the forward pass on example_inputs failed ({failure})"
+            return ProbeResult("unavailable", detail)
+        return self.findings.result("hooks", self.fx_failure if self.method == "auto" else "")
+
+
+def run_forward(model: nn.Module, example_inputs: Any, observers: list) -> str:
+    """Run ``model`` once on ``example_inputs`` (eval mode, no grad, every training flag restored) with all
+    ``observers`` attached: context managers whose ``__enter__`` installs hooks and returns a callable given the
+    model's output (or None). One pass serves every check that needs a forward (wsconvert.plan). Returns '' or
+    the error text when the forward pass (or an observer) failed; never raises for the user's forward."""
     modes = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad(), _FlowMode(flow):
-            output = model(*inputs)
-        sources = flow.sources(output)
-        if sources:
-            findings.consume(sources, "model output")
+        with contextlib.ExitStack() as stack:
+            on_output = [stack.enter_context(observer) for observer in observers]
+            model.eval()
+            with torch.no_grad():
+                output = model(*_as_args(example_inputs))
+            for saw in on_output:
+                if saw is not None:
+                    saw(output)
+    except Exception as error:  # the user's forward on the user's input
+        return _error_text(error)
     finally:
-        for handle in handles:
-            handle.remove()
         for module, training in modes:
             module.training = training
+    return ""
 
 
 def _as_args(example_inputs: Any) -> tuple:
@@ -461,45 +499,53 @@ def _as_args(example_inputs: Any) -> tuple:
 METHODS = ("auto", "fx", "hooks")
 
 
-def probe_unnormalized(model: nn.Module, example_inputs: Any = None, *, method: str = "auto") -> ProbeResult:
+def probe_unnormalized(
+    model: nn.Module, example_inputs: Any = None, *, method: str = "auto", rules: Sequence[Rule] | None = None
+) -> ProbeResult:
     """Classify every conv of ``model`` as normalized, unnormalized or unreached (see the module docstring).
 
     ``method="auto"`` tries torch.fx first and, when tracing fails and ``example_inputs`` is given, runs the
     model once on it; ``"fx"`` or ``"hooks"`` use only that method. ``example_inputs`` is a tuple of
     positional arguments, or a single argument such as a Tensor or a list of images for a torchvision
     detection model. Never raises for a model it cannot analyse: the result's ``method`` is then
-    ``"unavailable"`` and ``detail`` says why.
+    ``"unavailable"`` and ``detail`` says why. ``rules`` are a call's own rules (``wsconvert.rules.resolve``):
+    a module the first matching rule gives kind "norm" counts as a norm layer.
     """
+    result, pending = start_probe(model, example_inputs, method=method, rules=rules)
+    if pending is None:
+        return result
+    return pending.result(run_forward(model, example_inputs, [pending]))
+
+
+def start_probe(
+    model: nn.Module, example_inputs: Any = None, *, method: str = "auto", rules: Sequence[Rule] | None = None
+) -> tuple[ProbeResult | None, HookProbe | None]:
+    """``probe_unnormalized`` up to its forward pass: ``(result, None)`` when done (the fx trace, at most one,
+    worked, or nothing can be done), else ``(None, observer)``: a ``HookProbe`` to attach to ``run_forward``
+    (with any other observer of that pass), whose ``result(...)`` is the finding."""
     if method not in METHODS:
         raise InvalidOptionError(f"method={method!r} is not a probe method; use one of {list(METHODS)}")
     if method == "hooks" and example_inputs is None:
         raise InvalidOptionError("method='hooks' runs the model: pass example_inputs (e.g. a sample batch)")
-    norms = norm_types()
+    norms = kinds.norm_types_in(model, rules)
     findings = _Findings(model)
     if not findings.convs:
-        return ProbeResult(method if method != "auto" else "fx", "the model has no convolution")
+        return ProbeResult(method if method != "auto" else "fx", "the model has no convolution"), None
     fx_failure = "torch.fx not tried (method='hooks')"
     if method != "hooks":
         try:
             _fx_probe(model, findings, norms)
-            return findings.result("fx")
+            return findings.result("fx"), None
         except Exception as error:  # tracing runs arbitrary forward code; any failure means "cannot trace"
             fx_failure = f"torch.fx cannot trace the model ({_error_text(error)})"
     if method == "fx":
-        return ProbeResult("unavailable", fx_failure)
+        return ProbeResult("unavailable", fx_failure), None
     if example_inputs is None:
         return ProbeResult(
             "unavailable",
             f"{fx_failure}; pass example_inputs or input_shape (CLI: --input-shape) to probe with a forward pass",
-        )
-    findings = _Findings(model)
-    try:
-        _hook_probe(model, _as_args(example_inputs), findings, norms)
-    except Exception as error:  # the user's forward on the user's input
-        return ProbeResult(
-            "unavailable", f"{fx_failure}; the forward pass on example_inputs failed ({_error_text(error)})"
-        )
-    return findings.result("hooks", fx_failure if method == "auto" else "")
+        ), None
+    return None, HookProbe(model, norms, fx_failure, method)
 
 
 # --- glue used by convert.py -------------------------------------------------------------------
@@ -532,8 +578,9 @@ def resolve_example_inputs(model: nn.Module, example_inputs: Any, input_shape: A
 def skip_unnormalized_steps(steps: list, probe: ProbeResult | None, options: Any) -> list:
     """With ``options.skip_unnormalized``, turn each unnormalized conv's planned standardization into a skip.
 
-    ``steps`` are ``wsconvert.walk.Step``s; a step is matched to the probe by its module's first path.
-    When detection is unavailable nothing is skipped and a warning says so (the report notes it too).
+    ``steps`` are ``wsconvert.walk.Step``s of the probed model; a step is matched to the probe by module
+    identity (``ProbeResult.feeds_of``). When detection is unavailable nothing is skipped and a warning says so
+    (the report notes it too).
     """
     from ..rules.builtin import Decision
     from ..walk import Step
@@ -549,7 +596,7 @@ def skip_unnormalized_steps(steps: list, probe: ProbeResult | None, options: Any
         return steps
     marked = []
     for step in steps:
-        feeds = probe.unnormalized.get(step.site.paths[0])
+        feeds = probe.feeds_of(step.site.module, step.site.paths[0])
         if feeds is not None and step.decision.action == "standardize":
             reason = f"output feeds no normalization layer ({feeds}); skip_unnormalized=True"
             step = Step(step.site, step.rule, Decision("skip", reason=reason))
@@ -557,24 +604,38 @@ def skip_unnormalized_steps(steps: list, probe: ProbeResult | None, options: Any
     return marked
 
 
-def add_probe_to_report(report: Any, steps: list, probe: ProbeResult, options: Any) -> Any:
-    """Fill ``report.unnormalized`` / ``unnormalized_detection`` and add notes on what the probe could not see."""
+def probe_report_fields(steps: list, probe: ProbeResult, options: Any) -> tuple[list, str, list[str]]:
+    """What the report says about the probe: ``(unnormalized entries, detection text, notes)``, for a report built
+    once (wsconvert.plan); each conv is joined to its step by module identity."""
     from ..report import UnnormalizedConv
     from ..rules.builtin import type_name
 
-    sites = {step.site.paths[0]: step.site for step in steps}
-    report.unnormalized_detection = probe.describe()
+    sites = {id(step.site.module): step.site for step in steps}
+    by_path = {path: conv_id for conv_id, path in probe.conv_paths.items()}
+    by_first_path = {step.site.paths[0]: step.site for step in steps}  # a ProbeResult built without conv_paths
+    entries = []
     for path, feeds in probe.unnormalized.items():
-        site = sites.get(path)
+        site = sites.get(by_path[path]) if path in by_path else by_first_path.get(path)
         kind = type_name(site.module) if site is not None else "conv"
         also_at = tuple(site.paths[1:]) if site is not None else ()
-        report.unnormalized.append(UnnormalizedConv(path, kind, feeds, also_at))
+        entries.append(UnnormalizedConv(path, kind, feeds, also_at))
+    notes = []
     if options.skip_unnormalized and not probe.available:
-        report.notes.append(f"skip_unnormalized=True skipped nothing: detection {probe.describe()}")
+        notes.append(f"skip_unnormalized=True skipped nothing: detection {probe.describe()}")
     if probe.unreached:
         shown = ", ".join(probe.unreached[:3]) + (", ..." if len(probe.unreached) > 3 else "")
-        report.notes.append(
+        notes.append(
             f"{len(probe.unreached)} conv(s) did not run during the unnormalized-conv probe ({shown}): "
             "they are not classified (a branch this input or mode does not take)"
         )
+    return entries, probe.describe(), notes
+
+
+def add_probe_to_report(report: Any, steps: list, probe: ProbeResult, options: Any) -> Any:
+    """Fill ``report.unnormalized`` / ``unnormalized_detection`` and add the probe's notes (``probe_report_fields``;
+    kept for callers that build a report in parts: wsconvert.plan builds it once)."""
+    entries, detection, notes = probe_report_fields(steps, probe, options)
+    report.unnormalized_detection = detection
+    report.unnormalized.extend(entries)
+    report.notes.extend(notes)
     return report

@@ -11,7 +11,7 @@ weight-decay step), eval again: some ranks got the old outputs. While FSDP2 is i
 
 from __future__ import annotations
 
-import sys
+from .._optional import loaded_module
 
 __all__ = ["fsdp2_in_use"]
 
@@ -29,7 +29,7 @@ def fsdp2_in_use() -> bool:
     if _seen:
         return True
     if _states is None:  # look the module up until torch.distributed is imported, then keep its dict
-        composable = sys.modules.get("torch.distributed._composable_state")
+        composable = loaded_module("torch.distributed._composable_state")
         mapping = getattr(composable, "_module_state_mapping", None)
         _states = getattr(mapping, "data", None)
         if _states is None:
