@@ -3,16 +3,17 @@
 The data flows one way: checkpoint -> state dict -> architecture skeleton -> plan
 -> rewritten state dict -> atomic write. A state dict is rewritten by loading it into the architecture
 built on the meta device with ``load_state_dict(assign=True)`` (the checkpoint's own memory-mapped tensors
-become the parameters, nothing is copied), converting that model in place with ``convert_model`` (conv
-weights keep their identity, GroupNorm reuses the BatchNorm's affine parameters) and taking its
-``state_dict()``. The result therefore has exactly the keys of ``convert_model(arch(), options)`` and the
-tensors of the input.
+become the parameters, nothing is copied), planning that model once (``wsconvert.make_plan``: one walk, at most
+one probe), applying the plan in place (conv weights keep their identity, GroupNorm reuses the BatchNorm's affine
+parameters) and taking its ``state_dict()``. The result therefore has exactly the keys of
+``convert_model(arch(), options)`` and the tensors of the input. Which state dicts a file holds, where its
+wsconvert record lives and what the output looks like is its layout's business (wsconvert.checkpoint.layouts: one
+registered handler per layout); ``convert_checkpoint`` asks the registry once and writes every layout's files
+through one atomic write path.
 """
 
 from __future__ import annotations
 
-import copy
-import itertools
 import json
 import os
 from collections import OrderedDict
@@ -26,12 +27,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..convert import bake as bake_model
-from ..convert import convert_measured, convert_model, plan_conversion
-from ..errors import ArchitectureError, CheckpointError, InvalidOptionError
+from ..errors import CheckpointError, InvalidOptionError
+from ..plan import make_plan
 from ..preserve.calibrate import load_calibration_file
 from ..report import ConversionReport
 from . import reader as ckpt
-from .arch import Architecture, arch_from_checkpoint, resolve_arch
+from .layouts import _SHOWN, WHOLE_MODEL_FORMAT, Output, _described, _jsonable, _listed, _short, layout_of
 
 __all__ = [
     "WHOLE_MODEL_FORMAT",
@@ -41,9 +42,6 @@ __all__ = [
     "rewrite_state_dict",
     "validate_state_dict",
 ]
-
-WHOLE_MODEL_FORMAT = "wsconvert-whole-model"
-_SHOWN = 3
 
 
 @dataclass
@@ -133,16 +131,6 @@ def _shape(t: torch.Tensor) -> list[int]:
     return list(t.shape)
 
 
-def _short(text: str, limit: int = 80) -> str:
-    """``text`` for a one-line message: very long keys keep their start and end and say how long they are."""
-    return text if len(text) <= limit else f"{text[: limit // 2]}...{text[-limit // 4 :]} ({len(text):,} characters)"
-
-
-def _listed(keys: list[str]) -> str:
-    shown = ", ".join(_short(str(k)) for k in keys[:_SHOWN])
-    return shown + (f" (+{len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else "")
-
-
 def _mismatch_error(
     where: str,
     arch: str,
@@ -182,13 +170,6 @@ def _prefixed_metadata(source: Mapping | None, converted: Mapping | None, prefix
     for key, value in (converted or {}).items():
         metadata[(prefix + key) if key else base] = value
     return metadata
-
-
-def _described(value: object) -> str:
-    """A value named for a message: its type and a short repr (tensors: dtype, layout and shape)."""
-    if isinstance(value, torch.Tensor):
-        return f"a {str(value.layout).replace('torch.', '')} {value.dtype} tensor of shape {_shape(value)}"
-    return f"a {type(value).__name__} ({_short(repr(value), 60)})"
 
 
 def validate_state_dict(
@@ -280,11 +261,9 @@ def rewrite_state_dict(
         raise _mismatch_error(
             where, arch, matched, list(result.missing_keys), list(result.unexpected_keys), [], list(expected)
         )
-    report = plan_conversion(skeleton, **options)
-    if calibration_data is None:
-        model = convert_model(skeleton, **options, inplace=True)
-    else:
-        model, report.fidelity = convert_measured(skeleton, **options, inplace=True, calibration_data=calibration_data)
+    plan = make_plan(skeleton, **options, calibration_data=calibration_data)  # the one walk (and probe) of the model
+    model = plan.apply(skeleton, inplace=True)
+    report = plan.report if calibration_data is None else plan.build_report(plan.fidelity)
     if bake:
         model = _bake(model, release)
     converted = model.state_dict()
@@ -324,29 +303,7 @@ def _bake(model: nn.Module, release: Callable[[], object] | None) -> nn.Module:
     return model
 
 
-def _meta_skeleton(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` whose parameters and buffers are meta tensors (no data is copied)."""
-    memo: dict[int, Any] = {}
-    for tensor in itertools.chain(module.parameters(), module.buffers()):
-        meta = tensor.detach().to("meta")
-        memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
-    try:
-        return copy.deepcopy(module, memo)
-    except Exception as error:  # deepcopy runs the model's own __deepcopy__/__reduce__ code
-        raise CheckpointError(
-            f"cannot copy the pickled {type(module).__name__} to plan its conversion: {error}"
-        ) from None
-
-
 # --- whole files ---------------------------------------------------------------------------------
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    return value
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -357,94 +314,6 @@ def _same_file(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:  # b (or a) does not exist or cannot be checked: not the same file
         return False
-
-
-def _is_record(value: object) -> bool:
-    """Whether ``value`` is a wsconvert record: a dict of JSON values with a str ``version``."""
-    if not isinstance(value, Mapping) or not isinstance(value.get("version"), str):
-        return False
-    try:
-        json.dumps(dict(value), sort_keys=True)
-    except (TypeError, ValueError):  # a tensor, an object, a non-str key, ...
-        return False
-    return True
-
-
-def _already_converted(loaded: ckpt.Loaded) -> dict | None:
-    """The wsconvert record the input carries (written by wsconvert), or None when it has none.
-
-    CheckpointError for a value under a record's name that is not a record (safetensors metadata that is
-    not JSON, a dict holding a tensor, ...): converting would overwrite it with this run's record.
-    """
-    obj = loaded.obj
-    if loaded.format == "safetensors":
-        if ckpt.INFO_KEY not in loaded.metadata:
-            return None
-        where = f"its safetensors metadata entry {ckpt.INFO_KEY!r}"
-        raw = loaded.metadata[ckpt.INFO_KEY]
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            raise CheckpointError(
-                f"{loaded.path}: {where} is {_short(repr(raw), 60)}, which is not JSON and so not a wsconvert "
-                f"record; wsconvert writes its record under that name: remove or rename the entry, then rerun"
-            ) from None
-    elif loaded.kind == "module":
-        if "_wsconvert_info" not in vars(obj):
-            return None
-        where, record = "its attribute _wsconvert_info", vars(obj)["_wsconvert_info"]
-    elif loaded.kind == "checkpoint" and ckpt.INFO_KEY in obj:
-        where, record = f"its entry {ckpt.INFO_KEY!r}", obj[ckpt.INFO_KEY]
-    else:
-        metadata = getattr(obj, "_metadata", None)
-        if not isinstance(metadata, Mapping) or ckpt.METADATA_INFO_KEY not in metadata:
-            return None
-        where, record = f"its _metadata[{ckpt.METADATA_INFO_KEY!r}]", metadata[ckpt.METADATA_INFO_KEY]
-    if not _is_record(record):
-        raise CheckpointError(
-            f"{loaded.path}: {where} is {_described(record)}, which is not a wsconvert record (a dict of JSON values "
-            "with a 'version'); wsconvert writes its record under that name: remove or rename the entry, then rerun"
-        )
-    return dict(record)
-
-
-def _resolve(loaded: ckpt.Loaded, arch: str | None, arch_kwargs: Mapping[str, Any] | None, notes: list[str]):
-    if arch:
-        return resolve_arch(arch, dict(arch_kwargs or {}))
-    named = arch_from_checkpoint(loaded.obj) if loaded.kind == "checkpoint" else None
-    if named is None:
-        raise ArchitectureError(
-            f"{loaded.path} does not name its architecture; pass --arch torchvision:NAME, timm:NAME or "
-            "package.module:callable (with --arch-kwargs '{\"num_classes\": N}' when it differs from the default)"
-        )
-    spec, found_kwargs = named
-    kwargs = dict(arch_kwargs) if arch_kwargs else found_kwargs
-    notes.append(f"architecture {spec} taken from the checkpoint" + (f" with {kwargs}" if kwargs else ""))
-    return resolve_arch(spec, kwargs)
-
-
-def _model_entries(
-    obj: Mapping[str, Any], architecture: Architecture
-) -> tuple[list[str], list[str], list[tuple[str, str]]]:
-    """Split a training checkpoint's entries into (model state dicts, kept, dropped with reasons)."""
-    models, kept, dropped = [], [], []
-    expected: set[str] | None = None
-    for key, value in obj.items():
-        if key == ckpt.INFO_KEY:
-            continue
-        reason = ckpt.drop_reason(key, value)
-        if reason:
-            dropped.append((key, reason))
-        elif ckpt.is_state_dict(value) and key in ckpt.MODEL_KEYS:
-            models.append(key)
-        elif ckpt.is_state_dict(value):
-            if expected is None:
-                expected = set(architecture.build_skeleton().state_dict())
-            _, matched = ckpt.match_prefix(list(value), expected)
-            (models if matched * 2 >= len(expected) else kept).append(key)
-        else:
-            kept.append(key)
-    return models, kept, dropped
 
 
 def convert_checkpoint(
@@ -467,8 +336,9 @@ def convert_checkpoint(
     ``options`` are ``convert_model``'s keyword arguments. ``calibration`` is a file of inputs (torch.save,
     safetensors or .npy; needs ``options["preserve"]``) to fit the GroupNorm affines on (docs/preserve.md).
     The default output is ``<stem>.ws<suffix>`` beside the input; the input is never modified and an
-    existing output is replaced only with ``force``. Returns what was done; raises a WSConvertError
-    subclass for every expected failure, leaving no output file behind.
+    existing output is replaced only with ``force``. The input's layout (wsconvert.checkpoint.layouts) says which
+    state dicts to rewrite and what to write. Returns what was done; raises a WSConvertError subclass for every
+    expected failure, leaving no output file behind.
     """
     say = progress or (lambda message: None)
     options = _jsonable(dict(options or {}))
@@ -485,7 +355,8 @@ def convert_checkpoint(
 
     say(f"loading {source}")
     loaded = ckpt.load_checkpoint(source, trust_pickle=trust_pickle)
-    previous = _already_converted(loaded)
+    layout = layout_of(loaded)
+    previous = layout.record(loaded)
     if previous is not None:
         raise CheckpointError(
             f"{source} was already converted by wsconvert {previous.get('version', '?')} with options "
@@ -493,74 +364,50 @@ def convert_checkpoint(
         )
     notes: list[str] = []
     info = {"version": _version(), "options": options, "bake": bake, "source": source.name}
-    fmt = "safetensors" if loaded.format == "safetensors" else "torch.save"
-
     if calibration is not None:
         info["calibration"] = Path(calibration).name
 
-    if loaded.kind == "module":
-        batches = None if calibration is None else load_calibration_file(calibration, loaded.obj)
-        return _convert_module(loaded, target, options, info, bake, dry_run, force, say, on_bytes, identity, batches)
-
-    architecture = _resolve(loaded, arch, arch_kwargs, notes)
+    architecture = layout.architecture(loaded, arch, arch_kwargs, notes)
     # Calibration runs the model: it needs real tensors (non-persistent buffers stay meta on a skeleton).
-    batches = None if calibration is None else load_calibration_file(calibration, architecture.build_skeleton())
-    info |= {"arch": architecture.spec, "arch_kwargs": _jsonable(architecture.kwargs)}
-    say(f"planning on {architecture.spec}")
-    if loaded.kind == "state_dict":
-        entries = [None]
-        kept: list[str] = []
-        dropped: list[tuple[str, str]] = []
-    else:
-        entries, kept, dropped = _model_entries(loaded.obj, architecture)
-        if not entries:
-            raise CheckpointError(
-                f"no model state dict found in {source}: its entries are {_listed(list(loaded.obj))}; expected a "
-                f"state dict or a checkpoint holding one under {', '.join(repr(k) for k in ckpt.MODEL_KEYS[:4])}, ..."
-            )
-    info["dropped"] = [k for k, _ in dropped]
+    batches = None
+    if calibration is not None:
+        batches = load_calibration_file(calibration, layout.calibration_model(loaded, architecture))
+    say(f"planning on {layout.subject(architecture)}")
+    entries = layout.entries(loaded, architecture)
+    info |= layout.record_fields(architecture, entries, bake)
 
-    release = (lambda: ckpt.release_mapped_pages(source)) if loaded.mmap and loaded.format == "torch" else None
+    releases = loaded.mmap and layout.release_input_pages
+    release = (lambda: ckpt.release_mapped_pages(source)) if releases else None
     results: list[EntryResult] = []
     rewritten: dict[str | None, OrderedDict] = {}
     report: ConversionReport | None = None
-    for key in entries:
-        state_dict = loaded.obj if key is None else loaded.obj[key]
-        where = f"{source}" if key is None else f"{source} entry {key!r}"
+    for key, state_dict in entries.models.items():
         out, entry_report, result = rewrite_state_dict(
             state_dict,
             architecture.build_skeleton() if batches is None else architecture.build(),
             options,
-            bake=bake,
-            where=where,
+            bake=bake and layout.bake_entries,
+            where=f"{source}" if key is None else f"{source} entry {key!r}",
             arch=architecture.describe(),
             release=release,
             calibration_data=batches,
         )
-        out._metadata[ckpt.METADATA_INFO_KEY] = info  # type: ignore[attr-defined]
         result.key = key
         results.append(result)
         rewritten[key] = out
         report = report or entry_report
-    notes = architecture.notes + notes
+    notes = architecture.notes + notes + layout.notes(bake)
 
     conversion = CheckpointConversion(
-        source, target, False, _layout_name(loaded), fmt, architecture.spec, architecture.kwargs, bake,
-        report, results, kept, dropped, notes,
+        source, target, False, layout.label, layout.format, architecture.spec, architecture.kwargs, bake,
+        report, results, entries.kept, entries.dropped, notes,
     )  # fmt: skip
     conversion.would_refuse = _check_output(target, force, dry_run)
     if dry_run:
         return conversion
     say(f"writing {target}")
-    if loaded.format == "safetensors":
-        metadata = ckpt.info_as_metadata(info, loaded.metadata)
-        ckpt.write_safetensors(rewritten[None], target, metadata, force=force, source=identity)
-    elif loaded.kind == "state_dict":
-        _write(rewritten[None], target, force, on_bytes, loaded, identity)
-    else:
-        result_obj = {key: rewritten.get(key, value) for key, value in loaded.obj.items() if key not in info["dropped"]}
-        result_obj[ckpt.INFO_KEY] = info
-        _write(result_obj, target, force, on_bytes, loaded, identity)
+    outputs = layout.assemble(loaded, rewritten, info, calibration_data=batches)
+    _write(outputs, target, force=force, on_bytes=on_bytes, release=source if releases else None, source=identity)
     conversion.written = True
     return conversion
 
@@ -576,12 +423,6 @@ def _check_output(target: Path, force: bool, dry_run: bool) -> str | None:
             return str(error)
         raise
     return None
-
-
-def _layout_name(loaded: ckpt.Loaded) -> str:
-    return {"state_dict": "state dict", "checkpoint": "training checkpoint", "module": "whole pickled model"}[
-        loaded.kind
-    ]
 
 
 def _tensor_bytes(obj: Any) -> int:
@@ -607,72 +448,33 @@ def _tensor_bytes(obj: Any) -> int:
 
 
 def _write(
-    obj: Any,
+    outputs: list[Output],
     target: Path,
+    *,
     force: bool,
     on_bytes: Callable[[int, int], None] | None,
-    loaded: ckpt.Loaded,
+    release: Path | None,
     source: ckpt.FileIdentity | None,
 ) -> None:
-    # A whole pickle's own code could have changed its tensors while unpickling: keep those pages.
-    release = loaded.path if loaded.mmap and loaded.kind != "module" else None
-    total = _tensor_bytes(obj) if on_bytes is not None else 0
-    progress = (lambda done: on_bytes(done, total)) if on_bytes is not None else None
-    ckpt.write_torch(obj, target, force=force, on_bytes=progress, release=release, source=source)
+    """The one write path: each output, atomically, at ``target`` (or ``target/name``); nothing is published
+    when the input changed meanwhile (``source``). ``release`` names the memory-mapped input whose read pages
+    are dropped while torch.save writes (reader.release_mapped_pages)."""
+    for output in outputs:
+        path = target if output.name is None else target / output.name
+        if output.format == "safetensors":
+            ckpt.write_safetensors(output.obj, path, output.metadata, force=force, source=source)
+            continue
+        ckpt.write_torch(
+            output.obj, path, force=force, on_bytes=_progress(output.obj, on_bytes), release=release, source=source
+        )
 
 
-def _convert_module(
-    loaded: ckpt.Loaded,
-    target: Path,
-    options: dict,
-    info: dict,
-    bake: bool,
-    dry_run: bool,
-    force: bool,
-    say: Callable[[str], None],
-    on_bytes: Callable[[int, int], None] | None,
-    source: ckpt.FileIdentity | None,
-    batches: list[torch.Tensor] | None = None,
-) -> CheckpointConversion:
-    module: nn.Module = loaded.obj
-    arch = f"{type(module).__module__}.{type(module).__qualname__} (pickled)"
-    info |= {"arch": arch, "format": "baked-module" if bake else WHOLE_MODEL_FORMAT}
-    say("planning on the pickled model")
-    skeleton = _meta_skeleton(module) if batches is None else _copied(module)
-    state_dict, report, result = rewrite_state_dict(
-        module.state_dict(), skeleton, options, where=str(loaded.path), arch=arch, calibration_data=batches
-    )
-    notes = [
-        "whole-model output: load it with wsconvert.load(path), which returns the converted model"
-        if not bake
-        else "baked whole model: a plain pickled nn.Module, load it with torch.load(path, weights_only=False)"
-    ]
-    conversion = CheckpointConversion(
-        loaded.path, target, False, _layout_name(loaded), "torch.save", arch, {}, bake, report, [result], [], [], notes
-    )
-    conversion.would_refuse = _check_output(target, force, dry_run)
-    if dry_run:
-        return conversion
-    say(f"writing {target}")
-    if bake:
-        converted = convert_measured(module, **options, inplace=True, calibration_data=batches)[0]
-        model = bake_model(converted, inplace=True)
-        model._wsconvert_info = info
-        _write(model, target, force, on_bytes, loaded, source)
-    else:
-        # The original module and the rewritten state dict share their tensors: torch.save stores them once.
-        whole = {ckpt.INFO_KEY: info, "module": module, "state_dict": state_dict}
-        _write(whole, target, force, on_bytes, loaded, source)
-    conversion.written = True
-    return conversion
-
-
-def _copied(module: nn.Module) -> nn.Module:
-    """A deep copy of a pickled model with its tensors (calibration runs it), or CheckpointError."""
-    try:
-        return copy.deepcopy(module)
-    except Exception as error:  # deepcopy runs the model's own __deepcopy__/__reduce__ code
-        raise CheckpointError(f"cannot copy the pickled {type(module).__name__} to calibrate it: {error}") from None
+def _progress(obj: Any, on_bytes: Callable[[int, int], None] | None) -> Callable[[int], None] | None:
+    """``on_bytes(done, total)`` as write_torch's ``on_bytes(done)``, ``total`` being the tensor bytes in ``obj``."""
+    if on_bytes is None:
+        return None
+    total = _tensor_bytes(obj)
+    return lambda done: on_bytes(done, total)
 
 
 def _version() -> str:
