@@ -1,15 +1,19 @@
 """Model-zoo sweep: convert every torchvision model and a spread of timm models, and check the result.
 
-For each model (random weights, nothing downloaded): build it, count activation calls in an eval forward
-pass, ``plan_conversion(gn=32, example_inputs=...)``, ``convert_model(gn=32)``, then check
+For each model (random weights, nothing downloaded): build it, ``plan_conversion(gn=32, example_inputs=...)``,
+``convert_model(gn=32)`` (a copy), then check with ``wsconvert.testing.check_conversion`` (docs/api.md)
 
 - no BatchNorm / FrozenBatchNorm2d left;
-- every activation still applied (forward-hook call counts on activation modules equal before and after);
+- every activation still applied (forward-hook call counts on activation modules equal before and after,
+  per module path, in an eval forward pass);
 - nothing standardized twice (no timm StdConv2d/ScaledStdConv2d carrying our parametrization, no conv with
   more than one WeightStandardization);
 - every conv and every BatchNorm-family layer appears in the report (converted or skipped with a reason),
-  and the number of WS-parametrized convs equals the report's count;
-- a forward and backward pass in training mode gives finite outputs and finite gradients;
+  and the WS-parametrized convs are the ones the report counts as standardized;
+- finite eval outputs; a forward and backward pass in training mode gives finite outputs and gradients;
+
+and here:
+
 - where torch.fx traces the model, the forward-hook probe finds the same unnormalized convs.
 
 Models too large for a CPU test run (``HUGE``) are built on the meta device: every check runs there
@@ -42,16 +46,15 @@ import torchvision
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
-from torch.nn.utils import parametrize
-from torch.utils._pytree import tree_flatten
 from torchvision import models as tvm
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import wsconvert  # noqa: E402
-from wsconvert import WeightStandardization, convert_model, plan_conversion  # noqa: E402
+from wsconvert import convert_model, plan_conversion  # noqa: E402
 from wsconvert.probes.unnormalized import norm_types, probe_unnormalized  # noqa: E402
+from wsconvert.testing import activation_calls, check_conversion  # noqa: E402
 
 GN = 32
 
@@ -364,35 +367,9 @@ def _batchnorm_types() -> tuple[type, ...]:
     return (_BatchNorm, FrozenBatchNorm2d, norm_act.FrozenBatchNorm2d, norm_act.FrozenBatchNormAct2d)
 
 
-def _timm_std_convs() -> tuple[type, ...]:
-    from timm.layers import std_conv
-
-    return (std_conv.StdConv2d, std_conv.StdConv2dSame, std_conv.ScaledStdConv2d, std_conv.ScaledStdConv2dSame)
-
-
-_ACTIVATION_MODULES = ("torch.nn.modules.activation", "timm.layers.activations")
-
-
-def _is_activation(module: nn.Module) -> bool:
-    cls = parametrize.type_before_parametrizations(module)
-    return cls.__module__.startswith(_ACTIVATION_MODULES) and not isinstance(module, nn.MultiheadAttention)
-
-
 def count_activation_calls(model: nn.Module, inputs: tuple) -> int:
-    calls = 0
-
-    def hook(*_: object) -> None:
-        nonlocal calls
-        calls += 1
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if _is_activation(m)]
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return calls
+    """Activation module calls in one forward of ``model`` (no grad, its current mode): tests/conftest.py uses it."""
+    return sum(activation_calls(model, inputs).values())
 
 
 def _first_paths(model: nn.Module, types: tuple[type, ...]) -> list[str]:
@@ -429,10 +406,6 @@ class Result:
         return "ok" if self.ok else "FAIL"
 
 
-def _float_tensors(tree: Any) -> list[torch.Tensor]:
-    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-
 def _check(entry: Entry, result: Result) -> None:
     device = torch.device("meta") if entry.meta else torch.device("cpu")
     with torch.device(device) if entry.meta else contextlib.nullcontext():
@@ -442,11 +415,9 @@ def _check(entry: Entry, result: Result) -> None:
     model.eval()
     result.params_m = sum(p.numel() for p in model.parameters()) / 1e6
     conv_paths = _first_paths(model, (_ConvNd,))
-    bn_paths = _first_paths(model, _batchnorm_types())
-    kept_paths = [p for p, m in model.named_modules() if isinstance(m, norm_types()) and p not in set(bn_paths)]
+    bn_paths = set(_first_paths(model, _batchnorm_types()))
+    kept_paths = [p for p, m in model.named_modules() if isinstance(m, norm_types()) and p not in bn_paths]
     result.convs, result.norms_kept = len(conv_paths), len(kept_paths)
-    acts_before = count_activation_calls(model, inputs)
-    result.activations = acts_before
 
     report = plan_conversion(model, gn=GN, example_inputs=inputs)
     if report.unnormalized_detection.startswith("torch.fx") and not entry.meta:
@@ -456,17 +427,9 @@ def _check(entry: Entry, result: Result) -> None:
         if by_hooks.method != "hooks" or set(by_hooks.unnormalized) != by_fx:
             differ = sorted(set(by_hooks.unnormalized) ^ by_fx)[:3] if by_hooks.available else by_hooks.detail
             result.problems.append(f"fx and hook probes disagree on unnormalized convs: {differ}")
-    converted = convert_model(model, gn=GN, inplace=True, example_inputs=inputs)
-    del model
+    # a converted copy: check_conversion compares it with the original (activation calls, paths)
+    converted = convert_model(model, gn=GN, example_inputs=inputs)
 
-    # the report accounts for every conv and BatchNorm-family layer
-    listed = set()
-    for item in [*report.converted, *report.skipped]:
-        listed.add(item.path)
-        listed.update(item.also_at)
-    missing = [p for p in conv_paths + bn_paths if p not in listed]
-    if missing:
-        result.problems.append(f"{len(missing)} conv/norm layer(s) missing from the report, e.g. {missing[:3]}")
     conv_set = set(conv_paths)
     result.standardized = sum(1 for c in report.converted if c.action == "standardized")
     result.norms_replaced = sum(1 for c in report.converted if c.action == "replaced")
@@ -482,48 +445,15 @@ def _check(entry: Entry, result: Result) -> None:
     result.detection = report.unnormalized_detection
     result.unnormalized = len(report.unnormalized) if not result.detection.startswith("unavailable") else None
 
-    # no BatchNorm left
-    left = _first_paths(converted, _batchnorm_types())
-    if left:
-        result.problems.append(f"{len(left)} BatchNorm-family layer(s) left, e.g. {left[:3]}")
-    # nothing standardized twice; the parametrized count matches the report
-    parametrized = 0
-    for path, module in converted.named_modules():
-        if not parametrize.is_parametrized(module, "weight"):
-            continue
-        ws = sum(isinstance(p, WeightStandardization) for p in module.parametrizations["weight"])
-        parametrized += ws > 0
-        if ws > 1:
-            result.problems.append(f"{path}: {ws} WeightStandardization parametrizations")
-        if ws and isinstance(module, _timm_std_convs()):
-            result.problems.append(f"{path}: timm {type(module).__mro__[1].__name__} standardized again by wsconvert")
-    if parametrized != result.standardized:
-        result.problems.append(f"{parametrized} WS-parametrized convs but the report says {result.standardized}")
-
-    # every activation still applied
-    converted.eval()
-    acts_after = count_activation_calls(converted, inputs)
-    if acts_after != acts_before:
-        result.problems.append(f"activation calls changed: {acts_before} before, {acts_after} after conversion")
-
-    # forward and backward in training mode
-    converted.train()
-    outputs = converted(*train_inputs)
-    tensors = _float_tensors(outputs)
-    if not tensors:
-        result.problems.append("the training-mode forward returned no floating-point tensor")
-        return
-    loss = sum(t.float().sum() for t in tensors)
-    loss.backward()
-    if entry.meta:
-        return
-    if not all(torch.isfinite(t).all() for t in tensors):
-        result.problems.append("non-finite output in training mode")
-    grads = [p.grad for p in converted.parameters() if p.grad is not None]
-    if not grads:
-        result.problems.append("backward produced no gradient")
-    elif not all(torch.isfinite(g).all() for g in grads):
-        result.problems.append("non-finite gradient")
+    # the invariants (wsconvert.testing.check_conversion): the report lists every conv and BatchNorm-family
+    # layer and its standardized convs are the WS-parametrized ones; no BatchNorm left; nothing standardized
+    # twice; every activation still applied (eval); a training-mode forward and backward with finite outputs
+    # and gradients (finiteness not on the meta device)
+    check = check_conversion(
+        model, converted, inputs, train_inputs=train_inputs, report=report, gn=GN, raise_on_failure=False
+    )
+    result.activations = check.activations_before
+    result.problems += [v.message for v in check.violations]
 
 
 def run_entry(entry: Entry) -> Result:
