@@ -25,7 +25,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "wsconvert"
 # Entries are module names or subpackages (a subpackage covers its modules). The package itself
 # (wsconvert/__init__.py, the lazy public facade) sits above everything.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("wsconvert.errors", "wsconvert._optional", "wsconvert._moved")),
+    ("foundation", ("wsconvert.errors", "wsconvert._optional", "wsconvert._moved", "wsconvert._validate")),
     ("ws", ("wsconvert.ws",)),  # the WS math and parametrization, the one "carries WS" predicate
     ("norms", ("wsconvert.norms",)),  # Batch-Channel Normalization
     ("options", ("wsconvert.options",)),

@@ -534,6 +534,17 @@ def test_declared_conv_type_is_seen_by_the_probe() -> None:
     assert not rules.is_conv(model[0])
 
 
+@pytest.mark.parametrize("method", ["fx", "hooks"])
+def test_scoped_conv_rule_is_seen_by_the_probe(method: str) -> None:
+    model = nn.Sequential(MyConv(3, 8), nn.SiLU())
+    x = torch.randn(1, 3, 8, 8)
+    scoped = [rules.keep(MyConv, reason="a conv-like layer", kind="conv")]
+    found = probe_unnormalized(model, x, method=method, rules=scoped).unnormalized
+    assert {path: feeds.lower() for path, feeds in found.items()} == {"0": "silu"}  # hooks see F.silu
+    assert probe_unnormalized(model, x, method=method).method == ("fx" if method == "fx" else "hooks")
+    assert probe_unnormalized(model, x, method=method).unnormalized == {}  # that call's rule only
+
+
 KINDS = [
     (nn.Conv2d(3, 4, 1), False, True),
     (nn.ConvTranspose2d(3, 4, 1), False, True),

@@ -30,7 +30,7 @@ class _Checked:
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         parsed = self.parse(value, param, ctx)
-        if ctx is not None and ctx.resilient_parsing:  # shell completion: no check (it would import torch)
+        if ctx is not None and ctx.resilient_parsing:  # shell completion: no check on a half-typed value
             return parsed
         try:
             return self.option.validate(parsed)

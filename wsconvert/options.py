@@ -17,12 +17,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from ._validate import STYLE_NAMES, validate_eps, validate_estimate, validate_style
 from .errors import InvalidOptionError
 
 __all__ = ["ConversionOptions", "NORMS", "STYLE_NAMES", "OPTIONS", "Option", "RUN_ARGUMENTS", "keyword_arguments"]
 
 NORMS = ("gn", "bcn")
-STYLE_NAMES = ("standard", "paper")  # the keys of wsconvert.ws.standardize.STYLES (a test checks), for --style
 _OPTION = "wsconvert.option"  # the dataclasses.field metadata key holding a field's Option
 
 
@@ -96,26 +96,6 @@ def _patterns(name: str) -> Callable[[object], tuple[str, ...]]:
     return validate
 
 
-# The validators of the layers that own the math, imported when called: this module is imported by the CLI,
-# which must not import torch before the command runs (wsconvert/cli.py's docstring).
-def _eps(eps: object) -> float:
-    from .ws.standardize import validate_eps
-
-    return validate_eps(eps)
-
-
-def _style(style: object) -> str:
-    from .ws.standardize import validate_style
-
-    return validate_style(style)
-
-
-def _estimate(rate: object) -> float | None:
-    from .norms.bcn import validate_estimate
-
-    return validate_estimate(rate)
-
-
 def _norm(norm: object) -> str:
     """What replaces BatchNorm: "gn" GroupNorm (also for None), "bcn" BatchChannelNorm (arXiv:1903.10520)."""
     if norm is not None and norm not in NORMS:
@@ -167,7 +147,7 @@ class ConversionOptions:
         flag="--eps",
         kind="float",
         show_default=True,
-        validate=_eps,
+        validate=validate_eps,
         recorded_at_default=True,
     )
     style: str = _declare(
@@ -179,7 +159,7 @@ class ConversionOptions:
         kind="choice",
         choices=STYLE_NAMES,
         show_default=True,
-        validate=_style,
+        validate=validate_style,
         recorded_at_default=True,
     )
     include: tuple[str, ...] = _declare(
@@ -242,7 +222,7 @@ class ConversionOptions:
         flag="--bcn-estimate",
         kind="float",
         metavar="R",
-        validate=_estimate,
+        validate=validate_estimate,
         usage_error=False,  # checked with --norm by build: exit 1, as before (tests/test_bcn.py)
     )
     preserve: bool = _declare(

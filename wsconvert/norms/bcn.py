@@ -24,7 +24,6 @@ affine keeps its values) and the authors' ``pbn.*`` naming.
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from collections import OrderedDict
 
@@ -35,6 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from .._optional import loaded_type
+from .._validate import validate_estimate
 from ..errors import InvalidOptionError
 
 __all__ = [
@@ -54,19 +54,6 @@ _RATE = "estbn_moving_speed"  # the authors' buffer name for r
 _BN_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _PART_FLAG = "_wsconvert_batch_channel_part"  # marks the BatchNorm inside a BatchChannelNorm (not converted again)
 _BATCHNORM_CLASSES = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-
-
-def validate_estimate(rate: object, name: str = "bcn_estimate") -> float | None:
-    """``rate`` as a float when 0 < rate <= 1, None for None; anything else is an InvalidOptionError."""
-    if rate is None:
-        return None
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or not 0 < rate <= 1:
-        raise InvalidOptionError(
-            f"{name}={rate!r} must be a rate r with 0 < r <= 1 (e.g. 0.01), the speed at which estimated BatchNorm "
-            "updates its running statistics; 0 (the reference code's default) would never update them. "
-            "Pass None for a plain BatchNorm part"
-        )
-    return float(rate)
 
 
 def _distributed() -> bool:

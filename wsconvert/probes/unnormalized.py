@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -202,10 +202,10 @@ class ProbeResult:
 class _Findings:
     """Per conv (by module id): the non-norm consumers of its output, whether a norm consumed it, if it ran."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.convs: dict[int, str] = {}
+    def __init__(self, model: nn.Module, rules: Sequence[Rule] | None = None) -> None:
+        self.convs: dict[int, str] = {}  # every conv of the model, a call's own conv rules included
         for path, module in model.named_modules():
-            if is_conv(module):
+            if is_conv(module, rules):
                 self.convs.setdefault(id(module), path)
         self.consumers: dict[int, list[str]] = {}
         self.normed: set[int] = set()
@@ -247,12 +247,12 @@ def _error_text(error: BaseException) -> str:
 class _LeafTracer(fx.Tracer):
     """fx's default tracer, with convs and norm layers kept as single nodes."""
 
-    def __init__(self, norms: tuple[type, ...]) -> None:
+    def __init__(self, norms: tuple[type, ...], convs: Collection[int]) -> None:
         super().__init__()
-        self._norms = norms
+        self._norms, self._convs = norms, convs
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if is_conv(m) or isinstance(m, self._norms):
+        if id(m) in self._convs or isinstance(m, self._norms):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -286,7 +286,7 @@ def _scale_preserving_call(name: str, args: tuple, kwargs: dict) -> bool:
 def _fx_probe(model: nn.Module, findings: _Findings, norms: tuple[type, ...]) -> None:
     snapshot = _snapshot(model)
     try:
-        graph = _LeafTracer(norms).trace(model)
+        graph = _LeafTracer(norms, findings.convs).trace(model)
     finally:
         _restore(snapshot)
 
@@ -299,7 +299,7 @@ def _fx_probe(model: nn.Module, findings: _Findings, norms: tuple[type, ...]) ->
                 return "norm", ""
             if isinstance(module, _SCALE_PRESERVING_MODULES) or _zero_constant_pad(module):
                 return "pass", ""
-            return "consumer", type(module).__name__ if not is_conv(module) else _conv_name(module)
+            return "consumer", type(module).__name__ if id(module) not in findings.convs else _conv_name(module)
         name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
         if name in NORM_FUNCTIONS:
             return "norm", ""
@@ -313,7 +313,7 @@ def _fx_probe(model: nn.Module, findings: _Findings, norms: tuple[type, ...]) ->
         if node.op != "call_module":
             continue
         module = model.get_submodule(node.target)
-        if not is_conv(module):
+        if id(module) not in findings.convs:
             continue
         conv_id = id(module)
         findings.ran.add(conv_id)
@@ -407,9 +407,11 @@ class HookProbe:
     """The hook method as an observer of one forward pass (``run_forward``): tags each conv's output, follows the
     tags with a ``TorchFunctionMode`` and records what consumes them. ``fx_failure`` says why fx was not used."""
 
-    def __init__(self, model: nn.Module, norms: tuple[type, ...], fx_failure: str, method: str) -> None:
+    def __init__(
+        self, model: nn.Module, norms: tuple[type, ...], fx_failure: str, method: str, rules: Sequence[Rule] | None
+    ) -> None:
         self.model, self.norms, self.fx_failure, self.method = model, norms, fx_failure, method
-        self.findings = _Findings(model)
+        self.findings = _Findings(model, rules)  # fresh: a failed fx attempt may have filled the first one
         self.flow = _Flow(self.findings)
         self.handles: list = []
         self.mode = _FlowMode(self.flow)
@@ -429,13 +431,13 @@ class HookProbe:
 
         def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             flow.depth -= 1
-            if flow.depth == 0 and is_conv(module):
+            if flow.depth == 0 and id(module) in findings.convs:
                 findings.ran.add(id(module))
                 flow.tag(output, {id(module)}, replace=True)
 
         try:
             for module in self.model.modules():
-                if is_conv(module) or isinstance(module, norms):
+                if id(module) in findings.convs or isinstance(module, norms):
                     self.handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True))
                     self.handles.append(module.register_forward_hook(post_hook, with_kwargs=True, always_call=True))
             self.mode.__enter__()
@@ -528,7 +530,7 @@ def start_probe(
     if method == "hooks" and example_inputs is None:
         raise InvalidOptionError("method='hooks' runs the model: pass example_inputs (e.g. a sample batch)")
     norms = kinds.norm_types_in(model, rules)
-    findings = _Findings(model)
+    findings = _Findings(model, rules)
     if not findings.convs:
         return ProbeResult(method if method != "auto" else "fx", "the model has no convolution"), None
     fx_failure = "torch.fx not tried (method='hooks')"
@@ -545,7 +547,7 @@ def start_probe(
             "unavailable",
             f"{fx_failure}; pass example_inputs or input_shape (CLI: --input-shape) to probe with a forward pass",
         ), None
-    return None, HookProbe(model, norms, fx_failure, method)
+    return None, HookProbe(model, norms, fx_failure, method, rules)
 
 
 # --- glue used by convert.py -------------------------------------------------------------------

@@ -21,7 +21,6 @@ underflow in fp16 (lucidrains/denoising-diffusion-pytorch #233).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+from .._validate import validate_eps, validate_style
 from ..errors import InvalidOptionError, UnsupportedModuleError, WSConvertError
 from .fsdp import fsdp2_in_use
 
@@ -59,21 +59,6 @@ def _paper(rows: Tensor, eps: float) -> Tensor:
 
 
 STYLES: dict[str, Callable[[Tensor, float], Tensor]] = {"standard": _standard, "paper": _paper}
-
-
-def validate_style(style: object) -> str:
-    if not isinstance(style, str) or style not in STYLES:
-        raise InvalidOptionError(f"style={style!r} is not a weight standardization style; use one of {sorted(STYLES)}")
-    return style
-
-
-def validate_eps(eps: object) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-        raise InvalidOptionError(
-            f"eps={eps!r} must be a finite number > 0 (it keeps constant filters from dividing by zero); "
-            "the default is 1e-5"
-        )
-    return float(eps)
 
 
 def _filters_as_rows(weight: Tensor, transposed: bool, groups: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
