@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import wsconvert  # noqa: E402
 from wsconvert import convert_model, plan_conversion  # noqa: E402
 from wsconvert.probes.unnormalized import norm_types, probe_unnormalized  # noqa: E402
-from wsconvert.testing import activation_calls, check_conversion  # noqa: E402
+from wsconvert.testing import check_conversion  # noqa: E402
 
 GN = 32
 
@@ -365,11 +365,6 @@ def _batchnorm_types() -> tuple[type, ...]:
     from timm.layers import norm_act
 
     return (_BatchNorm, FrozenBatchNorm2d, norm_act.FrozenBatchNorm2d, norm_act.FrozenBatchNormAct2d)
-
-
-def count_activation_calls(model: nn.Module, inputs: tuple) -> int:
-    """Activation module calls in one forward of ``model`` (no grad, its current mode): tests/conftest.py uses it."""
-    return sum(activation_calls(model, inputs).values())
 
 
 def _first_paths(model: nn.Module, types: tuple[type, ...]) -> list[str]:

@@ -11,6 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+from wsconvert.testing import activation_calls
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
@@ -25,8 +27,8 @@ def load_script(name: str) -> ModuleType:
 
 
 def count_activation_calls(model: nn.Module, *inputs: object) -> int:
-    """How many times activation modules run in one forward pass (the zoo sweep's forward-hook counter)."""
-    return load_script("zoo_sweep").count_activation_calls(model, inputs)
+    """How many times activation modules run in one forward pass (the zoo sweep's counter, wsconvert.testing)."""
+    return sum(activation_calls(model, inputs).values())
 
 
 @pytest.fixture(autouse=True)

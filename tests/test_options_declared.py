@@ -59,9 +59,7 @@ def _readme_table() -> str:
 
 @pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
 def test_entry_points_take_exactly_the_declared_keywords_with_their_defaults(name: str) -> None:
-    function = getattr(wsconvert, name, None)
-    if function is None:
-        pytest.skip(f"wsconvert.{name} does not exist (yet)")
+    function = getattr(wsconvert, name)
     parameters = inspect.signature(function).parameters.values()
     keywords = {p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
     assert [p.name for p in parameters if p.kind is not inspect.Parameter.KEYWORD_ONLY] == ["model"]

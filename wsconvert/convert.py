@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
 from .norms.bcn import bake_batch_channel_norms
@@ -120,11 +119,7 @@ def _convert(
 ) -> tuple[nn.Module, Fidelity | None]:
     """Plan (probing only what the decisions need), apply; the model and the fidelity measured on the calibration
     data (None without it)."""
-    if torch.is_inference_mode_enabled():
-        # The tensors a conversion makes (the deep copy, new GroupNorm parameters) would be inference tensors
-        # there, which can never be trained: convert outside inference mode.
-        with torch.inference_mode(False):
-            return _convert(model, options, inplace, example_inputs, input_shape, calibration_data, rules)
+    # Plan.apply leaves torch.inference_mode itself (the tensors it makes must be trainable).
     plan = plan_for(model, options, example_inputs, input_shape, calibration_data, rules, report_probe=False)
     converted = plan.apply(model, inplace=inplace)
     return converted, plan.fidelity

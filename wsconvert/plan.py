@@ -221,7 +221,9 @@ def plan_for(
     resolved = resolve(rules)  # this call's rules, the registered ones, the built-ins
     steps = walk.plan(model, options, resolved)  # the one walk; raises on unconvertible modules
     wanted = report_probe or options.skip_unnormalized
-    observations = observe(model, example, options, probe=wanted, rules=resolved)
+    # The probes resolve the call's own rules themselves (wsconvert.rules.kinds): pass those, not ``resolved``,
+    # or every rule lookup there would run over the registered and built-in rules twice.
+    observations = observe(model, example, options, probe=wanted, rules=rules)
     steps = skip_unnormalized_steps(steps, observations.probe, options)
     steps, one_group = give_pooled_norms_one_group(steps, observations.by_module)
     return Plan(model, steps, options, observations, batches, one_group)
@@ -232,7 +234,8 @@ def observe(
 ) -> Observations:
     """Every observation the plan needs: at most one fx trace (``start_probe``) and at most one forward pass on
     ``example`` shared by the hook-based probe (when fx cannot trace) and the values-per-channel recorder.
-    ``rules`` (resolved) tell both which modules are norm layers (``wsconvert.rules.is_norm``)."""
+    ``rules`` (the call's own, unresolved) tell both which modules are norm layers and convs
+    (``wsconvert.rules.is_norm`` / ``is_conv``)."""
     result, pending = start_probe(model, example, rules=rules) if probe else (None, None)
     values = None
     if needs_values_per_channel(example, options.gn):

@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 
 from .errors import WSConvertError
 from .options import ConversionOptions
-from .report import ConversionReport, ConvertedModule, GroupFallback, SkippedModule
+from .report import ConvertedModule, GroupFallback, SkippedModule
 from .rules.builtin import RULES, Decision, Rule, type_name
 
 __all__ = [
@@ -27,7 +27,6 @@ __all__ = [
     "find_sites",
     "plan",
     "apply",
-    "build_report",
     "report_fields",
     "carry_module_state",
 ]
@@ -265,11 +264,6 @@ def _undo(actions: list[Callable[[], None]]) -> str:
         except Exception as error:  # keep putting back the rest
             failed.append(f"{type(error).__name__}: {error}")
     return "; ".join(failed)
-
-
-def build_report(steps: Sequence[Step], options: ConversionOptions) -> ConversionReport:
-    """The report of ``steps`` alone (no probe findings); wsconvert.plan builds the full one with report_fields."""
-    return ConversionReport(**report_fields(steps, options))
 
 
 def report_fields(

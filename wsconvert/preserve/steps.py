@@ -14,12 +14,11 @@ from torch import Tensor, nn
 
 from ..norms.bcn import preserve_batch_channel_norms
 from ..options import ConversionOptions
-from ..report import ConversionReport
 from ..ws.adaptive import install_gain_shift
 from . import calibrate
 from .fidelity import Fidelity, measure_fidelity
 
-__all__ = ["preserve_convs", "finish", "preserved_tensors", "preserve_notes", "add_preserve_notes"]
+__all__ = ["preserve_convs", "finish", "preserved_tensors", "preserve_notes"]
 
 
 def preserve_convs(steps: Sequence) -> int:
@@ -88,8 +87,3 @@ def preserve_notes(steps: Sequence, options: ConversionOptions) -> list[str]:
             "statistics and affine (data-free), or fitted layer by layer with calibration_data"
         )
     return notes
-
-
-def add_preserve_notes(report: ConversionReport, steps: Sequence, options: ConversionOptions) -> None:
-    """Append ``preserve_notes`` to ``report`` (for reports built in parts; wsconvert.plan builds it once)."""
-    report.notes.extend(preserve_notes(steps, options))

@@ -42,8 +42,6 @@ __all__ = [
     "give_pooled_norms_one_group",
     "needs_values_per_channel",
     "norm_values_per_channel",
-    "one_group_for_pooled_norms",
-    "pooled_norm_sizes",
     "warn_unusable_input",
 ]
 
@@ -141,22 +139,3 @@ def give_pooled_norms_one_group(steps: list, values: Mapping[int, int]) -> tuple
             given.add(key)
         changed.append(step)
     return changed, frozenset(given)
-
-
-def one_group_for_pooled_norms(steps: list, sizes: dict[str, int]) -> list:
-    """``give_pooled_norms_one_group`` with values per channel keyed by first path (``norm_values_per_channel``)."""
-    values = {id(s.site.module): sizes[s.site.paths[0]] for s in steps if s.site.paths[0] in sizes}
-    return give_pooled_norms_one_group(steps, values)[0]
-
-
-def pooled_norm_sizes(model: nn.Module, example_inputs: Any, gn: int | None) -> dict[str, int]:
-    """``norm_values_per_channel`` when there is an input and groups to choose; ``{}`` otherwise.
-
-    A failing forward pass gives ``{}`` and a warning (the requested groups are then used).
-    """
-    if not needs_values_per_channel(example_inputs, gn):
-        return {}
-    sizes, why = norm_values_per_channel(model, example_inputs)
-    if why:
-        warn_unusable_input(why)
-    return sizes

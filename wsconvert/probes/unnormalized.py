@@ -631,13 +631,3 @@ def probe_report_fields(steps: list, probe: ProbeResult, options: Any) -> tuple[
             "they are not classified (a branch this input or mode does not take)"
         )
     return entries, probe.describe(), notes
-
-
-def add_probe_to_report(report: Any, steps: list, probe: ProbeResult, options: Any) -> Any:
-    """Fill ``report.unnormalized`` / ``unnormalized_detection`` and add the probe's notes (``probe_report_fields``;
-    kept for callers that build a report in parts: wsconvert.plan builds it once)."""
-    entries, detection, notes = probe_report_fields(steps, probe, options)
-    report.unnormalized_detection = detection
-    report.unnormalized.extend(entries)
-    report.notes.extend(notes)
-    return report
