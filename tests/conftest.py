@@ -31,6 +31,13 @@ def count_activation_calls(model: nn.Module, *inputs: object) -> int:
     return sum(activation_calls(model, inputs).values())
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests under tests/thirdparty/ carry the ``thirdparty`` marker (``-m "not thirdparty"`` leaves them out)."""
+    for item in items:
+        if "thirdparty" in Path(str(item.path)).parts:
+            item.add_marker(pytest.mark.thirdparty)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
