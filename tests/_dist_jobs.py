@@ -326,3 +326,126 @@ def doc_recipe(rank: int, world_size: int, workdir: Path, name: str) -> dict[str
         "grads": sum(p.grad is not None for p in namespace["model"].parameters()),
         "single_loaded": "single" in namespace,
     }
+
+
+# --- preserve=True (issue 11): Adaptive WS gain/shift buffers under DDP and FSDP2 -----------------------------
+
+
+class PreserveCNN(nn.Module):
+    """Conv (no bias) / strided conv (bias) / ConvTranspose, each followed by BatchNorm, and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2, bias=False)
+        self.bn3 = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(self.bn3(self.up(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def preserve_cnn(seed: int = 0) -> nn.Module:
+    """PreserveCNN with trained-looking weights (filters with a mean and a small scale, BatchNorm statistics and
+    affines away from 0/1), converted with gn=4, preserve=True: gain/shift far from 1/0, GroupNorm affines set
+    from the BatchNorms. ``seed`` gives another model of the same architecture."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = PreserveCNN()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.modules.conv._ConvNd):
+                m.weight.mul_(0.3).add_(0.2 * torch.rand((), generator=gen) - 0.1)
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5, generator=gen)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.uniform_(-0.3, 0.3, generator=gen)
+    return wsconvert.convert_model(net.eval(), gn=4, preserve=True).train()
+
+
+def gain_shift(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The Adaptive WS buffers of a model, by state-dict key (cloned)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.endswith((".gain", ".shift"))}
+
+
+def ddp_preserve_step(rank: int, world_size: int, workdir: Path) -> dict[str, Any]:
+    """preserve under DDP: rank 1 starts with other gain/shift (and weights), DDP broadcasts rank 0's at wrap
+    time; one SGD step on each rank's half of the batch; grads, updated state, eval outputs (WS eval cache)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = preserve_cnn()
+    if rank != 0:
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, wsconvert.WeightStandardization):
+                    module.gain.mul_(1.5 + rank)
+                    module.shift.add_(0.1 * rank)
+            for param in model.parameters():
+                param.add_(0.01)
+    before = gain_shift(model)
+    ddp = DDP(model)
+    after_wrap = gain_shift(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    ((x, y),) = batches(1, world_size, 8)
+    optimizer.zero_grad()
+    loss = nn.functional.cross_entropy(ddp(shard(x, rank)), shard(y, rank))
+    loss.backward()
+    grads = _grads(model)
+    optimizer.step()
+    return {
+        "before": before,
+        "after_wrap": after_wrap,
+        "grads": grads,
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "evals": _eval(model, shard(x, rank)),
+    }
+
+
+def fsdp2_preserve_train(rank: int, world_size: int, workdir: Path) -> dict[str, Any]:
+    """preserve under FSDP2: fully_shard per conv and at the root (gain/shift stay plain, unsharded buffers);
+    SGD steps; evals with the WS eval cache on and off; the full state dict; then set_model_state_dict of
+    another preserve model's state dict (other W *and* gain/shift) and eval again."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    model = preserve_cnn()
+    for conv in (model.conv1, model.conv2, model.up):
+        fully_shard(conv)
+    fully_shard(model)
+    sharded = [n for n, p in model.named_parameters() if type(p).__name__ == "DTensor"]
+    buffers = {n: type(b).__name__ for n, b in model.named_buffers() if n.endswith((".gain", ".shift"))}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    data = batches(STEPS + 1, world_size, 8)
+    losses, evals = [], {}
+    for step, (x, y) in enumerate(data):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(shard(x, rank)), shard(y, rank))
+        loss.backward()
+        optimizer.step()
+        global_loss = loss.detach().clone()
+        dist.all_reduce(global_loss, op=dist.ReduceOp.AVG)
+        losses.append(global_loss)
+        if step >= STEPS - 1:
+            evals[f"after_step{step + 1}"] = _eval(model, shard(data[0][0], rank))
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # On CPU the full state dict holds the unsharded buffers themselves (gain/shift), not copies: the load below
+    # writes into them, so keep what was saved.
+    full = {key: value.clone() for key, value in full.items()}
+    other = preserve_cnn(seed=1).state_dict()
+    set_model_state_dict(model, other, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    evals["after_load"] = _eval(model, shard(data[0][0], rank))
+    return {
+        "losses": torch.stack(losses),
+        "evals": evals,
+        "state_dict": full if rank == 0 else None,
+        "gain_shift": gain_shift(model),
+        "sharded": sharded,
+        "buffer_types": buffers,
+    }

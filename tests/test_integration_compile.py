@@ -103,3 +103,76 @@ def test_compiled_eval_interleaved_with_eager_and_training_does_not_recompile() 
             torch.testing.assert_close(before_fill, out_eager, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(after_fill, out_eager, atol=1e-4, rtol=1e-4)
     assert counters["stats"]["unique_graphs"] == graphs == 2, dict(counters["stats"])
+
+
+# --- preserve=True (issue 11): gain/shift inside compiled graphs --------------------------------------------------
+
+
+def trained_like(seed: int) -> nn.Module:
+    """small_cnn with filters that have a mean and a small scale and BatchNorm statistics away from 0/1, as a
+    trained model has (so gain/shift are far from 1/0), in eval mode."""
+    torch.manual_seed(seed)
+    model = small_cnn()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.mul_(0.3).add_(0.05 * (seed + 1))
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    return model.eval()
+
+
+def test_preserve_compiled_model_computes_the_original_function_and_sees_loaded_gain_shift() -> None:
+    """gn=None: the compiled preserve model is the original function (gain/shift are in the graph); a plain
+    checkpoint loaded afterwards (its gain/shift filled by the load hook, written in place) is seen by the same
+    graph, without a recompile."""
+    torch._dynamo.reset()
+    counters.clear()
+    plain, other = trained_like(0), trained_like(1)
+    model = wsconvert.convert_model(copy.deepcopy(plain), preserve=True).eval()
+    compiled = torch.compile(model, backend="aot_eager")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), plain(x), atol=1e-5, rtol=1e-4)
+        model.load_state_dict(other.state_dict())  # a plain, unconverted state dict
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got = compiled(x)
+        torch.testing.assert_close(got, other(x), atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(got, plain(x), atol=1e-3)
+        naive = wsconvert.convert_model(copy.deepcopy(other)).eval()  # no gain/shift: another function
+        assert not torch.allclose(torch.compile(naive, backend="aot_eager")(x), other(x), atol=1e-2)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+
+
+def test_preserve_compiled_training_matches_eager_and_does_not_recompile() -> None:
+    """gn=4, preserve: compiled (inductor) outputs, gradients and SGD steps equal eager ones; gain/shift stay
+    constant buffers."""
+    torch._dynamo.reset()
+    counters.clear()
+    eager = wsconvert.convert_model(trained_like(0), gn=4, preserve=True).train()
+    gain_shift = {k: v.clone() for k, v in eager.state_dict().items() if k.endswith((".gain", ".shift"))}
+    assert len(gain_shift) == 4
+    to_compile = copy.deepcopy(eager)
+    compiled = torch.compile(to_compile)
+    opt_eager = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9)
+    opt_compiled = torch.optim.SGD(to_compile.parameters(), lr=0.1, momentum=0.9)
+    batches = [(torch.randn(2, 3, 16, 16), torch.randint(0, 5, (2,))) for _ in range(3)]
+    for step, (x, y) in enumerate(batches):
+        with torch._dynamo.config.patch(error_on_recompile=step > 0):
+            out_compiled = _step(compiled, opt_compiled, x, y)
+        out_eager = _step(eager, opt_eager, x, y)
+        torch.testing.assert_close(out_compiled, out_eager, atol=1e-4, rtol=1e-4)
+        for (name, p_c), p_e in zip(to_compile.named_parameters(), eager.parameters(), strict=True):
+            torch.testing.assert_close(p_c.grad, p_e.grad, atol=1e-4, rtol=1e-4, msg=f"step {step}: {name}")
+        opt_compiled.step()
+        opt_eager.step()
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"], dict(counters["stats"])
+    state = to_compile.state_dict()
+    for key, value in state.items():
+        if key in gain_shift:
+            torch.testing.assert_close(value, gain_shift[key], rtol=0, atol=0, msg=key)
+        else:
+            torch.testing.assert_close(value, eager.state_dict()[key], atol=1e-4, rtol=1e-4, msg=key)
