@@ -16,6 +16,11 @@ and here:
 
 - where torch.fx traces the model, the forward-hook probe finds the same unnormalized convs.
 
+Third-party libraries (smp, MONAI, effdet, pytorchvideo, open_clip, transformers, ultralytics; ``THIRDPARTY``)
+add their families only where the library is installed, built from constructors, configs or yaml files; an
+entry's ``usage`` runs the library's own next step on the converted model (ultralytics: ``fuse()`` + predict).
+Each model's ``output_scale`` (max |eval output| converted / original) is recorded, not checked.
+
 Models too large for a CPU test run (``HUGE``) are built on the meta device: every check runs there
 (including the forward/backward pass, which checks shapes and activation calls) except finiteness.
 
@@ -31,6 +36,9 @@ import argparse
 import contextlib
 import fnmatch
 import gc
+import importlib.metadata
+import importlib.util
+import math
 import os
 import platform
 import sys
@@ -75,6 +83,10 @@ class Entry:
     inputs: Callable[[], tuple]
     train_inputs: Callable[[], tuple] | None = None  # defaults to ``inputs``
     meta: bool = False
+    library: str = ""  # the third-party library's label (THIRDPARTY); "" for torchvision and timm
+    # the library's own use of the converted model (e.g. ultralytics' fuse() before predict); raises on failure
+    usage: Callable[[nn.Module, tuple], None] | None = None
+    usage_name: str = ""
 
 
 def _image(size: int | tuple[int, int], batch: int = 1) -> Callable[[], tuple]:
@@ -347,6 +359,373 @@ def _timm_entries() -> list[Entry]:
     ]
 
 
+# --- third-party libraries ---------------------------------------------------------------------------
+#
+# Each family is swept only where its library is installed (the sweep runs without them); every model is built
+# from a constructor, config or yaml with random weights, nothing downloaded. Entry ids start with the label.
+
+# (import name, distribution, label: the id prefix and the docs' name)
+THIRDPARTY: list[tuple[str, str, str]] = [
+    ("segmentation_models_pytorch", "segmentation-models-pytorch", "smp"),
+    ("monai", "monai", "monai"),
+    ("effdet", "effdet", "effdet"),
+    ("pytorchvideo", "pytorchvideo", "pytorchvideo"),
+    ("open_clip", "open-clip-torch", "open_clip"),
+    ("transformers", "transformers", "transformers"),
+    ("ultralytics", "ultralytics", "ultralytics"),
+]
+
+
+def library_installed(module: str) -> bool:
+    """Whether ``module`` can be imported, found without importing it (the fast suite collects the entries)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def library_versions() -> dict[str, str | None]:
+    """``{label: installed version, or None when the library is missing}`` for the sweep's third-party libraries."""
+    versions: dict[str, str | None] = {}
+    for module, distribution, label in THIRDPARTY:
+        version = None
+        if library_installed(module):
+            try:
+                version = importlib.metadata.version(distribution)
+            except importlib.metadata.PackageNotFoundError:
+                version = "version unknown"
+        versions[label] = version
+    return versions
+
+
+def _volume(channels: int, size: int, dims: int) -> Callable[[], tuple]:
+    return lambda: (torch.randn(1, channels, *([size] * dims)),)
+
+
+def _smp_entries() -> list[Entry]:
+    def build(arch: str, encoder: str) -> nn.Module:
+        import segmentation_models_pytorch as smp
+
+        return getattr(smp, arch)(encoder_name=encoder, encoder_weights=None, classes=3)
+
+    models = [
+        ("Unet", "resnet34", "U-Net, ResNet encoder"),
+        ("FPN", "resnet34", "FPN decoder (GroupNorm in its head)"),
+        ("DeepLabV3Plus", "resnet34", "ASPP with image pooling"),
+        ("PSPNet", "resnet34", "pyramid pooling (1x1 bins)"),
+        ("UnetPlusPlus", "resnet18", "nested dense skips"),
+        ("Unet", "efficientnet-b0", "smp's own EfficientNet encoder"),
+        ("Unet", "tu-efficientnet_b0", "timm-universal encoder (BatchNormAct2d)"),
+        ("Segformer", "mit_b0", "Mix Transformer encoder"),
+    ]
+    return [
+        Entry(
+            f"smp:{arch}[{encoder}]",
+            f"smp: {covers}",
+            lambda arch=arch, encoder=encoder: build(arch, encoder),
+            _image(64),
+            library="smp",
+        )
+        for arch, encoder, covers in models
+    ]
+
+
+def _monai_net(name: str, dims: int) -> nn.Module:
+    from monai.networks import nets
+
+    if name == "UNet":
+        return nets.UNet(dims, 1, 2, channels=(8, 16, 32), strides=(2, 2), num_res_units=1, norm="batch")
+    if name == "UNet[instance]":  # MONAI's default norm
+        return nets.UNet(dims, 1, 2, channels=(8, 16, 32), strides=(2, 2), num_res_units=1)
+    if name == "BasicUNet":
+        return nets.BasicUNet(dims, 1, 2, features=(8, 8, 16, 16, 32, 8), norm="batch")
+    if name == "SegResNet":
+        return nets.SegResNet(dims, init_filters=8, in_channels=1, out_channels=2, norm="batch")
+    if name == "DynUNet":
+        return nets.DynUNet(
+            dims, 1, 2, kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2], filters=[8, 16, 32],
+            norm_name="batch", res_block=True,
+        )  # fmt: skip
+    if name == "DenseNet121":  # norm="batch" by default
+        return nets.DenseNet121(dims, 1, 2, init_features=16, growth_rate=8)
+    if name == "ResNet18":  # norm="batch" by default
+        return nets.resnet18(spatial_dims=dims, n_input_channels=1, num_classes=2)
+    raise ValueError(f"no MONAI entry {name!r}")
+
+
+def _monai_entries() -> list[Entry]:
+    """MONAI networks with BatchNorm (``norm="batch"`` where the constructor takes it), 2-D and 3-D, and one
+    with MONAI's default instance norm, which is kept as it is (no BatchNorm to replace)."""
+    models = [
+        ("UNet", "residual units, norm='batch'"),
+        ("UNet[instance]", "default norm: InstanceNorm, kept"),
+        ("BasicUNet", "norm='batch'"),
+        ("SegResNet", "pre-activation residual, norm='batch'"),
+        ("DynUNet", "nnU-Net style, norm_name='batch'"),
+        ("DenseNet121", "dense blocks, BatchNorm by default"),
+        ("ResNet18", "BatchNorm by default"),
+    ]
+    entries = []
+    for name, covers in models:
+        base, bracket, variant = name.partition("[")
+        for dims, size in ((2, 64), (3, 32)):
+            if variant and dims == 2:
+                continue
+            entries.append(
+                Entry(
+                    f"monai:{base}-{dims}d{bracket}{variant}",
+                    f"monai {dims}-D: {covers}",
+                    lambda name=name, dims=dims: _monai_net(name, dims),
+                    _volume(1, size, dims),
+                    library="monai",
+                )
+            )
+    return entries
+
+
+_EFFDET_SIZE = 128  # effdet sizes its feature-map resampling from image_size: the input must match it
+
+
+def _effdet_inputs() -> tuple:
+    target = {
+        "bbox": torch.tensor([[[16.0, 16.0, 80.0, 96.0]]]),  # yxyx, as effdet's loader gives it
+        "cls": torch.tensor([[1.0]]),
+        "img_scale": torch.tensor([1.0]),
+        "img_size": torch.tensor([[_EFFDET_SIZE, _EFFDET_SIZE]]),
+    }
+    return torch.randn(1, 3, _EFFDET_SIZE, _EFFDET_SIZE), target
+
+
+def _effdet(bench: str) -> nn.Module:
+    import effdet
+
+    size = (_EFFDET_SIZE, _EFFDET_SIZE)
+    # bench_labeler: the bench assigns anchors to the target boxes itself (train.py --bench-labeler)
+    kwargs = {"bench_labeler": True} if bench == "train" else {}
+    return effdet.create_model(
+        "efficientdet_d0", bench_task=bench, pretrained=False, pretrained_backbone=False, image_size=size, **kwargs
+    )
+
+
+def _effdet_entries() -> list[Entry]:
+    return [
+        Entry(
+            "effdet:efficientdet_d0",
+            "effdet: EfficientNet + BiFPN, separable convs",
+            lambda: _effdet(""),
+            _image(_EFFDET_SIZE),
+            library="effdet",
+        ),
+        Entry(
+            "effdet:efficientdet_d0[DetBenchTrain]",
+            "effdet: the training bench (anchors, losses)",
+            lambda: _effdet("train"),
+            _effdet_inputs,
+            library="effdet",
+        ),
+    ]
+
+
+class _PathwayList(nn.Module):
+    """Calls a SlowFast net with a fresh ``[slow, fast]`` list: its MultiPathWayWithFuse blocks (``inplace=True``)
+    write their outputs into the input list, so one list cannot be fed twice (the sweep runs each input often)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, slow: torch.Tensor, fast: torch.Tensor) -> torch.Tensor:
+        return self.net([slow, fast])
+
+
+def _pytorchvideo_net(name: str) -> nn.Module:
+    """Small inputs (4 frames of 64x64; SlowFast 2 + 8): the head pooling kernels are sized for them."""
+    from pytorchvideo.models import csn, resnet, slowfast, x3d
+
+    if name == "create_resnet":
+        return resnet.create_resnet(model_depth=50, model_num_class=10, head_pool_kernel_size=(4, 2, 2))
+    if name == "create_x3d":
+        return x3d.create_x3d(input_clip_length=4, input_crop_size=64, model_num_class=10, depth_factor=1.0)
+    if name == "create_slowfast":
+        return _PathwayList(slowfast.create_slowfast(model_num_class=10, head_pool_kernel_sizes=((2, 2, 2), (8, 2, 2))))
+    if name == "create_csn":
+        return csn.create_csn(model_num_class=10, head_pool_kernel_size=(1, 2, 2))
+    raise ValueError(f"no pytorchvideo entry {name!r}")
+
+
+def _pytorchvideo_entries() -> list[Entry]:
+    clip = lambda: (torch.randn(1, 3, 4, 64, 64),)  # noqa: E731
+    slow_fast = lambda: (torch.randn(1, 3, 2, 64, 64), torch.randn(1, 3, 8, 64, 64))  # noqa: E731
+    models = [
+        ("create_resnet", "3-D ResNet-50 (BatchNorm3d)", clip),
+        ("create_x3d", "X3D: depthwise 3-D, SE, Swish", clip),
+        ("create_slowfast", "SlowFast: two pathways, lateral fusion (list input, see _PathwayList)", slow_fast),
+        ("create_csn", "channel-separated 3-D convs", clip),
+    ]
+    return [
+        Entry(
+            f"pytorchvideo:{name}",
+            f"pytorchvideo: {covers}",
+            lambda name=name: _pytorchvideo_net(name),
+            inputs,
+            library="pytorchvideo",
+        )
+        for name, covers, inputs in models
+    ]
+
+
+_CLIP_SIZE = 64
+
+
+def _open_clip(name: str) -> nn.Module:
+    import open_clip
+
+    return open_clip.create_model(name, pretrained=None, force_image_size=_CLIP_SIZE)
+
+
+def _modified_resnet() -> nn.Module:
+    from open_clip.modified_resnet import ModifiedResNet
+
+    return ModifiedResNet(layers=[1, 1, 1, 1], output_dim=64, heads=2, image_size=_CLIP_SIZE, width=32)
+
+
+def _open_clip_entries() -> list[Entry]:
+    def image_and_text() -> tuple:
+        return torch.randn(1, 3, _CLIP_SIZE, _CLIP_SIZE), torch.randint(0, 49408, (1, 77))
+
+    return [
+        Entry(
+            "open_clip:RN50",
+            "open_clip: CLIP, ModifiedResNet image tower + text transformer",
+            lambda: _open_clip("RN50"),
+            image_and_text,
+            library="open_clip",
+        ),
+        Entry(
+            "open_clip:ModifiedResNet",
+            "open_clip: the RN image tower built directly (attention pooling)",
+            _modified_resnet,
+            _image(_CLIP_SIZE),
+            library="open_clip",
+        ),
+    ]
+
+
+def _transformers_net(name: str) -> nn.Module:
+    """Tiny configs of transformers' conv models (random weights, no hub access)."""
+    import transformers as tf
+
+    small = {"hidden_sizes": [32, 64, 64, 128], "depths": [1, 1, 1, 1], "num_labels": 10}
+    if name == "BitForImageClassification":
+        return tf.BitForImageClassification(tf.BitConfig(embedding_size=32, num_groups=8, **small))
+    if name == "ResNetForImageClassification":
+        return tf.ResNetForImageClassification(tf.ResNetConfig(embedding_size=16, **small))
+    if name == "ConvNextForImageClassification":
+        return tf.ConvNextForImageClassification(tf.ConvNextConfig(**small))
+    if name == "RegNetForImageClassification":
+        return tf.RegNetForImageClassification(tf.RegNetConfig(embedding_size=16, groups_width=8, **small))
+    if name == "DPTForDepthEstimation[hybrid]":
+        backbone = tf.BitConfig(
+            global_padding="same", layer_type="bottleneck", depths=[1, 1, 1], hidden_sizes=[32, 64, 128],
+            embedding_size=32, num_groups=8, out_features=["stage1", "stage2", "stage3"],
+            embedding_dynamic_padding=True,
+        )  # fmt: skip
+        config = tf.DPTConfig(
+            is_hybrid=True, backbone_config=backbone, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+            intermediate_size=64, image_size=64, patch_size=16, backbone_out_indices=[0, 1, 2, 3],
+            neck_hidden_sizes=[32, 64, 32, 32], fusion_hidden_size=32, backbone_featmap_shape=[1, 128, 4, 4],
+            reassemble_factors=[1, 1, 1, 0.5],
+        )  # fmt: skip
+        return tf.DPTForDepthEstimation(config)
+    if name == "DetrForObjectDetection[resnet]":
+        backbone = tf.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 64], depths=[1, 1, 1, 1],
+                                   out_features=["stage4"])  # fmt: skip
+        config = tf.DetrConfig(
+            backbone_config=backbone, d_model=32, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=64,
+            decoder_ffn_dim=64, encoder_attention_heads=2, decoder_attention_heads=2, num_queries=10, num_labels=3,
+        )  # fmt: skip
+        return tf.DetrForObjectDetection(config)
+    raise ValueError(f"no transformers entry {name!r}")
+
+
+def _transformers_entries() -> list[Entry]:
+    models = [
+        ("BitForImageClassification", "BiT: WeightStandardizedConv2d + GroupNorm"),
+        ("ResNetForImageClassification", "ResNet, BatchNorm2d"),
+        ("ConvNextForImageClassification", "ConvNeXt, LayerNorm"),
+        ("RegNetForImageClassification", "RegNet, BatchNorm2d, SE"),
+        ("DPTForDepthEstimation[hybrid]", "DPT-hybrid: BiT backbone + ViT + conv neck"),
+        ("DetrForObjectDetection[resnet]", "DETR, transformers ResNet backbone (frozen BN)"),
+    ]
+    return [
+        Entry(
+            f"transformers:{name}",
+            f"transformers: {covers}",
+            lambda name=name: _transformers_net(name),
+            _image(64),
+            library="transformers",
+        )
+        for name, covers in models
+    ]
+
+
+def _ultralytics_net(yaml: str) -> nn.Module:
+    from ultralytics import YOLO
+
+    return YOLO(yaml).model  # built from the packaged yaml, random weights, offline
+
+
+def _ultralytics_fuse_and_predict(converted: nn.Module, inputs: tuple) -> None:
+    """What ultralytics' predict, val and export do first, the documented way (docs/ecosystem.md): fuse with
+    ``wsconvert.integrations.ultralytics.fuse`` (what ``model.fuse()`` runs after ``convert_yolo``), then an eval
+    forward. Plain ``model.fuse()`` cannot fold a GroupNorm into the conv before it."""
+    from wsconvert.integrations.ultralytics import fuse
+
+    fuse(converted, verbose=False)
+    converted.eval()
+    with torch.no_grad():
+        if not math.isfinite(_max_abs(converted(*inputs))):
+            raise FloatingPointError("non-finite output after fuse()")
+
+
+def _ultralytics_entries() -> list[Entry]:
+    return [
+        Entry(
+            f"ultralytics:{name}",
+            f"ultralytics: {covers}",
+            lambda name=name: _ultralytics_net(f"{name}.yaml"),
+            _image(64),
+            library="ultralytics",
+            usage=_ultralytics_fuse_and_predict,
+            usage_name="wsconvert.integrations.ultralytics.fuse() + predict forward",
+        )
+        for name, covers in (
+            ("yolov8n", "YOLOv8 DetectionModel (Conv = conv + bn + act, DFL)"),
+            ("yolo11n", "YOLO11 DetectionModel (C3k2, attention)"),
+        )
+    ]
+
+
+_THIRDPARTY_ENTRIES: dict[str, Callable[[], list[Entry]]] = {
+    "smp": _smp_entries,
+    "monai": _monai_entries,
+    "effdet": _effdet_entries,
+    "pytorchvideo": _pytorchvideo_entries,
+    "open_clip": _open_clip_entries,
+    "transformers": _transformers_entries,
+    "ultralytics": _ultralytics_entries,
+}
+
+
+def thirdparty_entries() -> list[Entry]:
+    """The third-party families whose library is installed (a missing library adds nothing)."""
+    entries = []
+    for module, _, label in THIRDPARTY:
+        if library_installed(module):
+            entries += _THIRDPARTY_ENTRIES[label]()
+    return entries
+
+
 def all_entries() -> list[Entry]:
     return (
         _torchvision_classification()
@@ -354,6 +733,7 @@ def all_entries() -> list[Entry]:
         + _torchvision_detection()
         + _torchvision_video()
         + _timm_entries()
+        + thirdparty_entries()
     )
 
 
@@ -385,6 +765,8 @@ class Result:
     norms_kept: int = 0  # GroupNorm/LayerNorm/... left as they are by design
     group_fallbacks: int = 0
     pooled_norms: int = 0  # norm layers on one value per channel, given GroupNorm(1, C)
+    output_scale: float | None = None  # max |eval output| converted / original (random weights)
+    library: str = ""
     unnormalized: int | None = None
     detection: str = ""
     activations: int = 0
@@ -449,11 +831,35 @@ def _check(entry: Entry, result: Result) -> None:
     )
     result.activations = check.activations_before
     result.problems += [v.message for v in check.violations]
+    if not entry.meta:
+        result.output_scale = _output_scale(model, converted, inputs)
+    if entry.usage is not None:  # last: it may change the converted model
+        try:
+            entry.usage(converted, inputs)
+        except Exception as error:
+            text = (str(error).strip().splitlines() or [""])[0][:200]
+            result.problems.append(f"{entry.usage_name} raised {type(error).__name__}: {text}")
+
+
+def _max_abs(outputs: object) -> float:
+    from torch.utils._pytree import tree_flatten
+
+    tensors = [t for t in tree_flatten(outputs)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return max((t.detach().abs().max().item() for t in tensors if t.numel()), default=0.0)
+
+
+def _output_scale(model: nn.Module, converted: nn.Module, inputs: tuple) -> float | None:
+    """max |output| of the converted model over the original's, in eval mode. With random weights WS rescales
+    every conv that feeds no norm layer, so 1-100x is ordinary; a huge ratio means outputs explode."""
+    model.eval(), converted.eval()
+    with torch.no_grad():
+        before, after = _max_abs(model(*inputs)), _max_abs(converted(*inputs))
+    return after / before if before > 0 else None
 
 
 def run_entry(entry: Entry) -> Result:
     """Build, convert and check one model; every exception becomes a problem in the result."""
-    result = Result(entry.id, entry.family, mode="meta" if entry.meta else "real")
+    result = Result(entry.id, entry.family, mode="meta" if entry.meta else "real", library=entry.library)
     start = time.perf_counter()
     try:
         _check(entry, result)
@@ -492,8 +898,74 @@ def _unnormalized_cell(r: Result) -> str:
     return f"{r.unnormalized} ({method})"
 
 
-def markdown(results: list[Result], seconds: float, threads: int, load: tuple[float, float] | None = None) -> str:
+_TABLE_HEAD = [
+    "| model | family | params (M) | convs | WS | conv skip | norms | kept | fallbacks | unnorm. | out x | mode | "
+    "status | s |",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---|---:|",
+]
+
+
+def _scale_cell(r: Result) -> str:
+    return "n/a" if r.output_scale is None else f"{r.output_scale:.2g}"
+
+
+def _table(results: list[Result]) -> list[str]:
+    lines = list(_TABLE_HEAD)
+    for r in results:
+        status = r.status if r.ok else f"**FAIL**: {'; '.join(r.problems)}"
+        lines.append(
+            f"| {r.id} | {r.family} | {r.params_m:.{1 if r.params_m >= 1 else 2}f} | {r.convs} | {r.standardized} | "
+            f"{r.convs_skipped} | "
+            f"{r.norms_replaced} | {r.norms_kept} | {r.group_fallbacks} | {_unnormalized_cell(r)} | "
+            f"{_scale_cell(r)} | {r.mode} | {status} | {r.seconds:.1f} |"
+        )
+    return lines
+
+
+def _versions_text(versions: dict[str, str | None]) -> str:
+    found = [f"{label} {version}" for label, version in versions.items() if version]
+    missing = [label for label, version in versions.items() if not version]
+    text = ", ".join(found) if found else "none"
+    return text + (f" (not installed, not swept: {', '.join(missing)})" if missing else "")
+
+
+def _thirdparty_section(results: list[Result], versions: dict[str, str | None]) -> list[str]:
     ok = sum(r.ok for r in results)
+    lines = [
+        "",
+        "## Third-party libraries",
+        "",
+        "Models of libraries wsconvert does not target (issue 13), built the same way (random weights, from",
+        "their constructors, configs or yaml files, nothing downloaded) and checked with the same invariants.",
+        "A library's family is swept only where the library is installed (`pip install -e '.[thirdparty]'`);",
+        "the sweep runs without them. Entries with a *usage* check also run the library's own next step on the",
+        "converted model: for ultralytics, `model.fuse()` (what its predict, val and export call first) and an",
+        "eval forward. Recipes and limits per library: docs/ecosystem.md.",
+        "",
+        f"Libraries: {_versions_text(versions)}.",
+        "",
+        f"**{ok} of {len(results)} third-party models pass.** *out x* (here and in the table above) = the largest",
+        "|eval output| of the converted model over the original's; recorded, not checked. With random weights it",
+        "says little about trained models: WS gives every filter zero mean and unit variance, so a conv that feeds",
+        "no norm layer changes its output scale, and chains of them multiply (VGG without BatchNorm, SqueezeNet,",
+        "DPT-hybrid's conv neck: 1e16 to 1e23). Where the factor comes from unnormalized convs,",
+        "`skip_unnormalized=True` (`--skip-unnormalized`, docs/unnormalized.md) leaves them as they are (DPT-hybrid:",
+        "factor 1.0).",
+        "",
+    ]
+    return lines + (_table(results) if results else ["No third-party library is installed."])
+
+
+def markdown(
+    results: list[Result],
+    seconds: float,
+    threads: int,
+    load: tuple[float, float] | None = None,
+    versions: dict[str, str | None] | None = None,
+) -> str:
+    ok = sum(r.ok for r in results)
+    versions = library_versions() if versions is None else versions
+    core = [r for r in results if not r.library]
     lines = [
         "# Model-zoo sweep",
         "",
@@ -508,7 +980,8 @@ def markdown(results: list[Result], seconds: float, threads: int, load: tuple[fl
         "`convert_model` (`example_inputs=`), which also sizes GroupNorm groups for pooled features.",
         "",
         f"Environment: torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
-        f"wsconvert {wsconvert.__version__}, Python {platform.python_version()}, {threads} CPU thread(s).",
+        f"wsconvert {wsconvert.__version__}, Python {platform.python_version()}, {threads} CPU thread(s); "
+        f"third-party: {_versions_text(versions)}.",
         "",
         f"**{ok} of {len(results)} models pass**; the sweep took {seconds / 60:.1f} min"
         + (
@@ -523,19 +996,13 @@ def markdown(results: list[Result], seconds: float, threads: int, load: tuple[fl
         "*kept* = GroupNorm/LayerNorm/other norm layers the model already had (left as they are); *fallbacks*",
         f"= layers whose channel count is not divisible by {GN}, so fewer groups were used; *unnorm.* = convs",
         "whose output feeds no normalization layer (see docs/unnormalized.md), with the probe method;",
-        "*mode* = `meta` for models built on the meta device (all checks except finiteness).",
+        "*out x* = max |eval output| converted / original (see the third-party section); *mode* = `meta` for",
+        "models built on the meta device (all checks except finiteness and *out x*). torchvision and timm",
+        "models here; other libraries' models in [Third-party libraries](#third-party-libraries).",
         "",
-        "| model | family | params (M) | convs | WS | conv skip | norms | kept | fallbacks | unnorm. | mode | "
-        "status | s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|",
+        *_table(core),
     ]
-    for r in results:
-        status = r.status if r.ok else f"**FAIL**: {'; '.join(r.problems)}"
-        lines.append(
-            f"| {r.id} | {r.family} | {r.params_m:.1f} | {r.convs} | {r.standardized} | {r.convs_skipped} | "
-            f"{r.norms_replaced} | {r.norms_kept} | {r.group_fallbacks} | {_unnormalized_cell(r)} | {r.mode} | "
-            f"{status} | {r.seconds:.1f} |"
-        )
+    lines += _thirdparty_section([r for r in results if r.library], versions)
     reasons: dict[str, int] = {}
     for r in results:
         for reason, count in r.skip_reasons.items():

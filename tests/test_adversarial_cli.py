@@ -466,7 +466,7 @@ def act():
     else:
         os.truncate(source, 64)  # as another process would: the mapped tensors are gone
 
-real_save, real_save_file = torch.save, safetensors.torch.save_file
+real_save, real_save_file = torch.serialization.save, safetensors.torch.save_file
 
 class Writes:
     def __init__(self, f): self.f, self.n = f, 0
@@ -476,7 +476,7 @@ class Writes:
         return self.f.write(data)
     def __getattr__(self, name): return getattr(self.f, name)
 
-torch.save = lambda obj, f, *a, **k: real_save(obj, Writes(f), *a, **k)
+torch.serialization.save = lambda obj, f, *a, **k: real_save(obj, Writes(f), *a, **k)  # what wsconvert calls
 def save_file(tensors, filename, metadata=None):
     act()
     real_save_file(tensors, filename, metadata=metadata)

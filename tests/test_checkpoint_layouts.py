@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,6 +73,12 @@ def _module(model: nn.Module, path: Path) -> None:
     torch.save(model, path)
 
 
+def _modules(model: nn.Module, path: Path) -> None:
+    """ultralytics' layout: whole modules under "model" and "ema" beside the optimizer and other entries."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.save({"model": model, "ema": copy.deepcopy(model), "optimizer": optimizer.state_dict(), "epoch": 3}, path)
+
+
 BUILTINS: dict[str, tuple[Callable, str, Callable[[Path], dict], str, str, list[str]]] = {
     # name: (write the input, suffix, read the output's model state dict, reported layout, format, kept entries)
     "safetensors": (_safetensors, ".safetensors", lambda p: load_file(str(p)), "state dict", "safetensors", []),
@@ -84,11 +91,16 @@ BUILTINS: dict[str, tuple[Callable, str, Callable[[Path], dict], str, str, list[
         _module, ".pt", lambda p: torch.load(p, weights_only=False)["state_dict"], "whole pickled model",
         "torch.save", [],
     ),
+    "whole modules in a training checkpoint": (
+        _modules, ".pt", lambda p: torch.load(p, weights_only=False)["ema"].state_dict(),
+        "training checkpoint of whole modules", "torch.save", ["epoch"],
+    ),
 }  # fmt: skip
+WHOLE = ("whole pickled model", "whole modules in a training checkpoint")  # need no --arch
 
 
-def test_registry_lists_the_four_builtins_in_order() -> None:
-    assert [layout.name for layout in registered_layouts()] == list(BUILTINS)
+def test_registry_lists_the_builtins_first_in_order() -> None:
+    assert [layout.name for layout in registered_layouts()][: len(BUILTINS)] == list(BUILTINS)
 
 
 @pytest.mark.parametrize("name", list(BUILTINS))
@@ -99,7 +111,7 @@ def test_builtin_layout_round_trips(tmp_path: Path, name: str) -> None:
     write(original, source)
     assert layout_of(ckpt.load_checkpoint(source, trust_pickle=True)).name == name
 
-    arch = None if name == "whole pickled model" else ARCH
+    arch = None if name in WHOLE else ARCH
     result = convert_checkpoint(source, target, options=OPTIONS, arch=arch, trust_pickle=True)
     assert (result.layout, result.format, result.kept, result.written) == (label, fmt, kept, True)
     _assert_same_function(read(target), original)
@@ -274,3 +286,61 @@ def test_each_state_dict_is_walked_once(tmp_path: Path, monkeypatch: pytest.Monk
     result = convert_checkpoint(tmp_path / "c.pt", options=options, arch=ARCH, calibration=calibration)
     assert len(walks) == 2 and walks[0] is not walks[1]  # one per entry
     assert (result.report.fidelity is not None) == preserve
+
+
+# --- whole modules inside a training checkpoint (ultralytics' layout, issue 13 point 6) -------------------------
+
+
+def test_whole_modules_are_converted_consistently_and_pickle(tmp_path: Path) -> None:
+    """Every module entry is converted with the same options; the output unpickles as converted, picklable modules
+    (torch refuses to pickle parametrized modules) and wsconvert.load gives the main one."""
+    original = _trained()
+    _modules(original, tmp_path / "in.pt")
+    result = convert_checkpoint(tmp_path / "in.pt", tmp_path / "out.pt", options=OPTIONS, trust_pickle=True)
+    assert [e.key for e in result.entries] == ["model", "ema"] and [k for k, _ in result.dropped] == ["optimizer"]
+    out = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert out["wsconvert"]["modules"] == ["model", "ema"] and out["epoch"] == 3
+    for key in ("model", "ema"):
+        assert wsconvert.is_standardized(out[key][0]) and isinstance(out[key][1], nn.GroupNorm)
+        assert out[key]._wsconvert_info["options"] == OPTIONS
+        _assert_same_function(out[key].state_dict(), original)
+    torch.save(out["model"], tmp_path / "again.pt")  # still picklable after loading
+    assert wsconvert.is_standardized(torch.load(tmp_path / "again.pt", weights_only=False)[0])
+    loaded = wsconvert.load(tmp_path / "out.pt")
+    assert wsconvert.is_standardized(loaded[0])
+    _assert_same_function(wsconvert.load(tmp_path / "out.pt", entry="ema").state_dict(), original)
+    with pytest.raises(CheckpointError, match="has no module entry 'net'; its module entries are 'model', 'ema'"):
+        wsconvert.load(tmp_path / "out.pt", entry="net")
+
+
+def test_whole_modules_baked_are_plain_modules(tmp_path: Path) -> None:
+    original = _trained()
+    _modules(original, tmp_path / "in.pt")
+    convert_checkpoint(tmp_path / "in.pt", tmp_path / "out.pt", options=OPTIONS, trust_pickle=True, bake=True)
+    out = torch.load(tmp_path / "out.pt", weights_only=False)
+    expected = wsconvert.bake(wsconvert.convert_model(original, **OPTIONS)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    for key in ("model", "ema"):
+        assert type(out[key][0]) is nn.Conv2d
+        torch.testing.assert_close(out[key].eval()(x), expected(x))
+
+
+@pytest.mark.parametrize(
+    ("obj", "message"),
+    [
+        ({"model": tiny_net(), "ema": nn.Sequential(nn.Conv2d(3, 8, 3))}, "entries 'model' .* and 'ema' .* are not"),
+        ({"model": tiny_net(), "wsconvert": {"version": "0"}}, "was already converted by wsconvert 0"),
+    ],
+    ids=["different modules", "already converted"],
+)
+def test_whole_modules_refusals(tmp_path: Path, obj: dict, message: str) -> None:
+    torch.save(obj, tmp_path / "in.pt")
+    with pytest.raises(CheckpointError, match=message):
+        convert_checkpoint(tmp_path / "in.pt", options=OPTIONS, trust_pickle=True)
+    assert not (tmp_path / "in.ws.pt").exists()
+
+
+def test_whole_modules_need_trust_pickle(tmp_path: Path) -> None:
+    _modules(_trained(), tmp_path / "in.pt")
+    with pytest.raises(CheckpointError, match="--trust-pickle"):
+        convert_checkpoint(tmp_path / "in.pt", options=OPTIONS)

@@ -38,7 +38,15 @@ class Untraceable(nn.Module):
         return self.head(y)
 
 
+class TwoInputs(Untraceable):
+    """Untraceable and takes two arguments: neither a synthetic input nor --input-shape can run it."""
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x * scale)
+
+
 UNTRACEABLE_ARGS = ["--arch", f"{__name__}:Untraceable"]
+TWO_INPUTS_ARGS = ["--arch", f"{__name__}:TwoInputs"]
 
 
 @pytest.fixture
@@ -82,7 +90,16 @@ def test_without_the_flag_the_report_still_lists_them(timm_checkpoint: Path) -> 
     assert "output feeds no normalization layer (" not in result.stdout  # nothing skipped for it
 
 
-def test_input_shape_lets_the_probe_run_an_untraceable_model(untraceable_checkpoint: Path) -> None:
+@pytest.fixture
+def two_inputs_checkpoint(tmp_path: Path) -> Path:
+    path = tmp_path / "two_inputs.pt"
+    torch.save(TwoInputs().state_dict(), path)
+    return path
+
+
+def test_input_shape_lets_the_probe_run_an_untraceable_model(
+    untraceable_checkpoint: Path, two_inputs_checkpoint: Path
+) -> None:
     base = [untraceable_checkpoint, *UNTRACEABLE_ARGS, "--gn", "4", "--skip-unnormalized", "--dry-run", "--json"]
     with_shape = run(*base, "--input-shape", "1,3,16,16")
     assert with_shape.exit_code == 0, with_shape.output
@@ -91,11 +108,20 @@ def test_input_shape_lets_the_probe_run_an_untraceable_model(untraceable_checkpo
     assert [u["path"] for u in report["unnormalized"]] == ["head"]
     assert {s["path"] for s in report["skipped"]} == {"head"}
 
-    without = run(*base)  # fx fails, no input: detection unavailable, nothing skipped, no crash
+    synthetic = run(*base)  # fx fails, no input: the probe runs on an input built from the model (issue 13, point 3)
+    assert synthetic.exit_code == 0, synthetic.output
+    assert not [line for line in synthetic.stderr.splitlines() if line.startswith("Warning: ")], synthetic.stderr
+    report = json.loads(synthetic.stdout)["report"]
+    assert report["unnormalized_detection"].startswith("forward hooks on a synthetic input of shape (1, 3, 224, 224)")
+    assert {s["path"] for s in report["skipped"]} == {"head"}
+    assert [h["kind"] for h in report["hints"]] == ["probe_synthetic"]
+
+    without = run(two_inputs_checkpoint, *TWO_INPUTS_ARGS, *base[3:])  # nothing can run it: unavailable, no crash
     assert without.exit_code == 0, without.output
     # said once, as the CLI's own Warning: line (not also in Python's warning format)
     warnings = [line for line in without.stderr.splitlines() if line.startswith("Warning: ")]
     assert len(warnings) == 1 and "skipped nothing" in warnings[0], without.stderr
+    assert "synthetic input" in warnings[0] and "--input-shape" in warnings[0]
     assert "UserWarning" not in without.stderr
     report = json.loads(without.stdout)["report"]
     assert report["unnormalized_detection"].startswith("unavailable: torch.fx cannot trace")

@@ -22,7 +22,8 @@ from wsconvert._moved import MOVED
 PACKAGE = Path(__file__).resolve().parents[1] / "wsconvert"
 
 # The layers, lowest first. A module may import modules of its own layer and of the layers below it.
-# Entries are module names or subpackages (a subpackage covers its modules). The package itself
+# Entries are module names or subpackages (a subpackage covers its modules; the most specific entry wins, so
+# wsconvert.integrations.ultralytics is not in the integrations layer). The package itself
 # (wsconvert/__init__.py, the lazy public facade) sits above everything.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("wsconvert.errors", "wsconvert._optional", "wsconvert._moved", "wsconvert._validate")),
@@ -35,6 +36,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("preserve", ("wsconvert.preserve",)),  # Adaptive WS, GroupNorm affines, fidelity
     ("integrations", ("wsconvert.integrations",)),  # wrappers (DDP, compile) checked by plan; Opacus
     ("convert", ("wsconvert.plan", "wsconvert.convert", "wsconvert.testing")),
+    # third-party training stacks: converting inside their trainers (ultralytics); the checkpoint layouts use it
+    ("ecosystem", ("wsconvert.integrations.ultralytics",)),
     ("checkpoint", ("wsconvert.checkpoint",)),  # reading, rewriting and loading checkpoint files
     ("cli", ("wsconvert.cli", "wsconvert.cli_options", "wsconvert.__main__")),
 ]
@@ -128,9 +131,14 @@ def _layer(module: str) -> int:
     """Index of ``module``'s layer in LAYERS; len(LAYERS) for the package itself."""
     if module == "wsconvert":
         return len(LAYERS)
-    for index, (_, members) in enumerate(LAYERS):
-        if any(module == m or module.startswith(f"{m}.") for m in members):
-            return index
+    matches = [
+        (len(m), index)
+        for index, (_, members) in enumerate(LAYERS)
+        for m in members
+        if module == m or module.startswith(f"{m}.")
+    ]
+    if matches:
+        return max(matches)[1]
     raise AssertionError(f"{module} is in no layer: add it to LAYERS in tests/test_layers.py and CONTRIBUTING.md")
 
 

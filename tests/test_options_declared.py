@@ -79,6 +79,7 @@ def test_to_dict_is_what_checkpoints_recorded() -> None:
     assert options.to_dict() == {
         "gn": 8, "eps": 1e-5, "style": "standard", "include": ["layer4.*"], "exclude": ["fc"],
         "skip_depthwise": False, "skip_unnormalized": False, "norm": "bcn", "bcn_estimate": 0.5, "preserve": False,
+        "standardize_frozen": False,
     }  # fmt: skip
 
 
@@ -116,9 +117,11 @@ def test_style_choices_are_the_styles() -> None:
     [
         ([], {"gn": None, "eps": 1e-5, "style": "standard", "include": None, "exclude": None,
               "skip_depthwise": False, "skip_unnormalized": False, "input_shape": None}),
-        (["--gn", "8", "--norm", "bcn", "--bcn-estimate", "0", "--preserve", "--include", "a", "--include", "b"],
+        (["--gn", "8", "--norm", "bcn", "--bcn-estimate", "0", "--preserve", "--include", "a", "--include", "b",
+          "--standardize-frozen"],
          {"gn": 8, "eps": 1e-5, "style": "standard", "include": ["a", "b"], "exclude": None, "skip_depthwise": False,
-          "skip_unnormalized": False, "input_shape": None, "norm": "bcn", "bcn_estimate": 0.0, "preserve": True}),
+          "skip_unnormalized": False, "input_shape": None, "norm": "bcn", "bcn_estimate": 0.0, "preserve": True,
+          "standardize_frozen": True}),
     ],
     ids=["defaults", "all given"],
 )  # fmt: skip
@@ -163,6 +166,7 @@ BAD = {  # keyword arguments, CLI arguments, exit code (2: rejected while parsin
                                                                       "--bcn-estimate", "0"], 1),
     "estimate without bcn": ({"gn": 8, "bcn_estimate": 0.1}, ["--gn", "8", "--bcn-estimate", "0.1"], 1),
     "empty include": ({"include": [""]}, ["--include", ""], 1),
+    "standardize_frozen not a bool": ({"standardize_frozen": "yes"}, None, None),
 }  # fmt: skip
 
 
@@ -181,10 +185,52 @@ def test_a_bad_value_gives_the_same_message_through_the_library_and_the_cli(
         wsconvert.convert_model(nn.Conv2d(3, 4, 3), **keywords)
     with pytest.raises(InvalidOptionError, match=re.escape(str(caught.value))):
         ConversionOptions.build(**keywords)
+    if args is None:  # a library-only bad value (a flag cannot be given a non-bool on the command line)
+        return
     result = CliRunner().invoke(main, [str(conv_state), "--arch", "torch.nn:Conv2d", "--arch-kwargs", CONV, *args])
     assert result.exit_code == exit_code, result.output
     assert " ".join(str(caught.value).split()) in " ".join(result.stderr.split())
     assert "Traceback" not in result.output and not (conv_state.parent / "conv.ws.pt").exists()
+
+
+def _frozen_net() -> nn.Module:
+    """A conv with a frozen weight (a fixed operator, like ultralytics' DFL arange conv) before a trainable one."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3))
+    net[0].weight.requires_grad_(False)
+    return net
+
+
+FROZEN = {  # keywords, CLI arguments, the convs that get WS
+    "default: the frozen conv is left": ({}, [], {"1"}),
+    "standardize_frozen=True": ({"standardize_frozen": True}, ["--standardize-frozen"], {"0", "1"}),
+}
+
+
+@pytest.mark.parametrize(("keywords", "args", "standardized"), FROZEN.values(), ids=FROZEN.keys())
+def test_frozen_conv_weights_are_left_unless_standardize_frozen(
+    tmp_path: Path, keywords: dict, args: list[str], standardized: set[str]
+) -> None:
+    """Issue 13 point 4: a frozen weight cannot adapt to WS; skipped with the reason, the option standardizes it."""
+    from wsconvert.rules.conv import FROZEN_REASON
+
+    report = wsconvert.plan_conversion(_frozen_net(), **keywords)
+    assert {c.path for c in report.converted} == standardized
+    assert [(s.path, s.reason) for s in report.skipped] == ([] if "0" in standardized else [("0", FROZEN_REASON)])
+    converted = wsconvert.convert_model(_frozen_net(), **keywords)
+    assert {p for p, m in converted.named_modules() if wsconvert.is_standardized(m)} == standardized
+    assert not converted[0].weight.requires_grad  # the flag is left as it was
+
+    torch.save(_frozen_net().state_dict(), tmp_path / "net.pt")
+    arch = f"{__name__}:_frozen_net"
+    result = CliRunner().invoke(main, [str(tmp_path / "net.pt"), "--arch", arch, "--json", *args])
+    assert result.exit_code == 0, result.output
+    fresh = wsconvert.convert_model(_frozen_net(), **keywords)
+    fresh.load_state_dict(torch.load(tmp_path / "net.ws.pt", weights_only=True), strict=True)
+    assert wsconvert.load(tmp_path / "net.ws.pt")[0].weight.requires_grad is False
+    assert {p for p, m in wsconvert.load(tmp_path / "net.ws.pt").named_modules() if wsconvert.is_standardized(m)} == (
+        standardized
+    )
 
 
 @pytest.mark.parametrize(

@@ -65,7 +65,7 @@ class ConvThenFunctionalNorm(nn.Module):
 
 
 class Untraceable(nn.Module):
-    """Data-dependent control flow: torch.fx cannot trace it; an SE-like gate conv and a head conv."""
+    """Data-dependent control flow: torch.fx cannot trace it; a conv feeding a BatchNorm and a head conv."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -78,6 +78,13 @@ class Untraceable(nn.Module):
         if y.sum() > 0:
             y = y.relu()
         return self.head(y)
+
+
+class TwoInputs(Untraceable):
+    """Untraceable and needs a second argument: a synthetic input (one tensor) cannot run it."""
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x * scale)
 
 
 class SharedConv(nn.Module):
@@ -230,6 +237,7 @@ def test_neither_method_works_is_reported_not_raised() -> None:
     assert "forward pass on example_inputs failed (RuntimeError" in wrong_input.detail
     assert model.training  # flags restored after the failed forward
 
+    model = TwoInputs()  # a synthetic input cannot run it either
     with pytest.warns(UserWarning, match="skip_unnormalized=True skipped nothing"):
         report = plan_conversion(model, gn=4, skip_unnormalized=True)
     assert report.unnormalized == [] and report.unnormalized_detection.startswith("unavailable: ")
@@ -402,3 +410,185 @@ def test_bad_input_shape(shape: object) -> None:
 def test_input_shape_and_example_inputs_together() -> None:
     with pytest.raises(InvalidOptionError, match="not both"):
         convert_model(Untraceable(), skip_unnormalized=True, example_inputs=X, input_shape=[1, 4, 8, 8])
+
+
+# --- a synthetic input when torch.fx cannot trace and no input is given (issue 13, point 3) -----------------
+
+
+class Configured(Untraceable):
+    """A model carrying a Hugging Face style ``config`` (num_channels, image_size) or a timm ``pretrained_cfg``."""
+
+    def __init__(self, config: object = None, pretrained_cfg: object = None) -> None:
+        super().__init__()
+        if config is not None:
+            self.config = config
+        if pretrained_cfg is not None:
+            self.pretrained_cfg = pretrained_cfg
+
+
+class Untraceable1d(nn.Module):
+    def __init__(self, dims: int = 1) -> None:
+        super().__init__()
+        conv, bn = {1: (nn.Conv1d, nn.BatchNorm1d), 3: (nn.Conv3d, nn.BatchNorm3d)}[dims]
+        self.conv, self.bn, self.head = conv(2, 4, 3, padding=1), bn(4), conv(4, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return self.head(y.relu() if y.sum() > 0 else y)
+
+
+def _config(**kwargs: object) -> object:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**kwargs)
+
+
+SYNTHETIC_CASES = [
+    # id, model, expected shape, words the description must hold
+    ("first-conv-default-size", Untraceable, (1, 4, 224, 224), ["first conv (conv.in_channels)", "default size"]),
+    ("hf-config", lambda: Configured(_config(num_channels=4, image_size=16)), (1, 4, 16, 16), ["config.image_size"]),
+    ("hf-config-pair", lambda: Configured(_config(num_channels=4, image_size=[12, 20])), (1, 4, 12, 20), []),
+    ("hf-config-dict", lambda: Configured(_config(image_size={"height": 8, "width": 10})), (1, 4, 8, 10), []),
+    ("timm-cfg", lambda: Configured(pretrained_cfg={"input_size": (4, 32, 32)}), (1, 4, 32, 32), ["pretrained_cfg"]),
+    ("bad-config-values", lambda: Configured(_config(num_channels=0, image_size=True)), (1, 4, 224, 224), []),
+    ("bad-timm-cfg", lambda: Configured(pretrained_cfg={"input_size": "224"}), (1, 4, 224, 224), ["default size"]),
+    ("conv1d", Untraceable1d, (1, 2, 224), []),
+    ("conv3d", lambda: Untraceable1d(3), (1, 2, 16, 112, 112), []),
+]
+
+
+@pytest.mark.parametrize(
+    ("build", "shape", "words"), [c[1:] for c in SYNTHETIC_CASES], ids=[c[0] for c in SYNTHETIC_CASES]
+)
+def test_synthetic_input_is_built_from_the_model(build, shape: tuple, words: list[str]) -> None:
+    from wsconvert.probes.unnormalized import synthetic_input
+
+    model = build()
+    rng = torch.get_rng_state()
+    tensor, how = synthetic_input(model)
+    assert torch.equal(torch.get_rng_state(), rng)  # its own generator: the user's RNG stream is untouched
+    assert tensor.shape == shape and str(shape) in how
+    assert all(word in how for word in words), how
+    again, _ = synthetic_input(model)
+    torch.testing.assert_close(again, tensor, rtol=0, atol=0)  # fixed seed
+
+
+def test_synthetic_input_follows_device_and_dtype_and_needs_a_conv() -> None:
+    from wsconvert.probes.unnormalized import synthetic_input
+
+    assert synthetic_input(Untraceable().double())[0].dtype == torch.float64
+    with torch.device("meta"):
+        meta = Untraceable()
+    assert synthetic_input(meta)[0].is_meta
+    tensor, why = synthetic_input(nn.Sequential(nn.Linear(3, 3)))
+    assert tensor is None and "no torch convolution" in why
+
+
+def test_plan_conversion_probes_an_untraceable_model_on_a_synthetic_input() -> None:
+    counts = {"calls": 0}
+    model = Untraceable()
+    model.conv.register_forward_pre_hook(lambda module, args: counts.__setitem__("calls", counts["calls"] + 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # it ran: nothing to warn about
+        report = plan_conversion(model, gn=4)
+    assert counts["calls"] == 1  # one forward pass
+    assert report.unnormalized_detection.startswith("forward hooks on a synthetic input of shape (1, 4, 224, 224)")
+    assert "torch.fx cannot trace" in report.unnormalized_detection
+    assert [(u.path, u.feeds) for u in report.unnormalized] == [("head", "model output")]
+    assert [h.kind for h in report.hints] == ["unnormalized", "probe_synthetic"]
+    hint = report.hints[1]
+    assert not hint.warning and "example_inputs=" in hint.message and "--input-shape" in hint.message
+    assert "synthetic input" in str(report) and hint.message in str(report)
+    converted = convert_model(model, gn=4, skip_unnormalized=True)  # convert_model probes the same way
+    assert not parametrize.is_parametrized(converted.head) and parametrize.is_parametrized(converted.conv)
+    # the public probe builds one only when asked; method="hooks" may then run without example_inputs
+    assert probe_unnormalized(Untraceable()).method == "unavailable"
+    for method in ("auto", "hooks"):
+        result = probe_unnormalized(Untraceable(), method=method, synthetic=True)
+        assert result.method == "hooks" and result.unnormalized == {"head": "model output"}
+        assert result.synthetic.startswith("of shape (1, 4, 224, 224)")
+    assert probe_unnormalized(Untraceable(), X, synthetic=True).synthetic == ""  # the user's input wins
+
+
+def test_no_conv_reached_on_a_synthetic_input_is_said() -> None:
+    class AllNormed(Untraceable):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.bn(self.conv(x))
+            return y.relu().mean() if y.sum() > 0 else y.mean()
+
+    report = plan_conversion(AllNormed(), gn=4)
+    assert report.unnormalized == [] and [h.kind for h in report.hints] == ["probe_synthetic"]
+    assert "No conv feeds anything but a normalization layer (found by forward hooks on a synthetic input" in str(
+        report
+    )
+
+
+@pytest.mark.parametrize("call", ["plan_conversion", "convert_model"])
+def test_failing_synthetic_forward_is_loud_and_says_how_to_fix(call: str) -> None:
+    with pytest.warns(UserWarning) as caught:
+        result = getattr(__import__("wsconvert"), call)(TwoInputs(), gn=4, skip_unnormalized=True)
+    (warning,) = [w for w in caught if "could not be looked for" in str(w.message)]
+    message = str(warning.message)
+    assert "synthetic input of shape (1, 4, 224, 224)" in message and "TypeError" in message
+    assert "example_inputs" in message and "--input-shape" in message and "skipped nothing" in message
+    assert warning.filename == __file__  # points at the user's call, not inside wsconvert
+    if call == "convert_model":
+        assert parametrize.is_parametrized(result.head)  # nothing skipped
+
+
+def test_plan_conversion_warns_when_the_probe_cannot_run_even_without_skip() -> None:
+    from wsconvert.errors import ProbeUnavailableWarning
+
+    with pytest.warns(ProbeUnavailableWarning, match="could not be looked for: torch.fx cannot trace.*input_shape"):
+        report = plan_conversion(TwoInputs(), gn=4)
+    assert [h.kind for h in report.hints if h.warning] == ["probe_unavailable"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert_model(TwoInputs(), gn=4)  # no probe runs without skip_unnormalized: nothing to warn about
+
+
+class Stateful(Untraceable):
+    """A forward that changes state even in eval mode: a buffer in place, a replaced buffer, an attribute (kept:
+    transformers records its installed output-capturing hooks in one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("cache", torch.zeros(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.cache = torch.ones(2)
+        self.last_shape = tuple(x.shape)
+        return super().forward(x)
+
+
+def test_forward_passes_of_the_probe_leave_the_model_as_found() -> None:
+    model = Stateful().train()
+    model.bn.momentum = 1.0  # a BatchNorm that ran in training mode would take the input's statistics
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cache = model.cache
+    for kwargs in ({}, {"example_inputs": X}):
+        plan_conversion(model, gn=4, **kwargs)
+        after = model.state_dict()
+        for key, value in before.items():
+            torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=key)
+        assert model.cache is cache
+        assert model.training and model.bn.training
+        assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_group_sizes_are_not_chosen_on_a_synthetic_input() -> None:
+    class PooledNorm(Untraceable):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pooled_bn = nn.BatchNorm2d(3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.pooled_bn(F.adaptive_avg_pool2d(super().forward(x), 1))
+
+    report = plan_conversion(PooledNorm(), gn=3)
+    assert report.unnormalized_detection.startswith("forward hooks on a synthetic input")
+    assert {c.path: c.new_type for c in report.converted}["pooled_bn"] == "GroupNorm(3, 3)"  # requested groups
+    with_input = plan_conversion(PooledNorm(), gn=3, example_inputs=X)
+    assert {c.path: c.new_type for c in with_input.converted}["pooled_bn"] == "GroupNorm(1, 3)"

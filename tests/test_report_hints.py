@@ -1,8 +1,9 @@
 """The report says what to do about what it found (issue 14, point 7).
 
 Each hint appears exactly when its condition holds: unnormalized convs that are standardized (suggest
-skip_unnormalized), GroupNorm fallbacks with one channel per group (that is InstanceNorm), a probe that could not
-run (why, and how to give it an input; a ProbeUnavailableWarning in Python, a ``Warning:`` line from the CLI).
+skip_unnormalized), GroupNorm fallbacks with one channel per group (that is InstanceNorm), a probe that ran on a
+synthetic input (issue 13, point 3), a probe that could not run (why, and how to give it an input; a
+ProbeUnavailableWarning in Python, a ``Warning:`` line from the CLI).
 """
 
 from __future__ import annotations
@@ -49,6 +50,13 @@ class Untraceable(Plain):
         return self.head(self.bn(self.conv(x)))
 
 
+class NeedsTwoInputs(Untraceable):
+    """Untraceable and takes two arguments: the synthetic input (one tensor) cannot run it either."""
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x * scale)
+
+
 def kinds(report: wsconvert.ConversionReport) -> list[str]:
     return [hint.kind for hint in report.hints]
 
@@ -61,8 +69,10 @@ CASES = [
     ("one-channel-per-group", lambda: AllNormalized(16), {"gn": 32}, ["instance_norm"]),
     ("fallback-with-two-per-group", lambda: AllNormalized(48), {"gn": 32}, []),  # 48 channels -> 24 groups
     ("gn-divides", lambda: AllNormalized(64), {"gn": 16}, []),
-    ("probe-unavailable", Untraceable, {}, ["probe_unavailable"]),
-    ("probe-unavailable-gn16", lambda: Untraceable(16), {"gn": 32}, ["instance_norm", "probe_unavailable"]),
+    ("probe-synthetic", Untraceable, {}, ["unnormalized", "probe_synthetic"]),
+    ("probe-synthetic-gn16", lambda: Untraceable(16), {"gn": 32}, ["unnormalized", "instance_norm", "probe_synthetic"]),
+    ("probe-unavailable", NeedsTwoInputs, {}, ["probe_unavailable"]),
+    ("probe-unavailable-gn16", lambda: NeedsTwoInputs(16), {"gn": 32}, ["instance_norm", "probe_unavailable"]),
     ("probe-with-input", Untraceable, {"input_shape": (1, 3, 8, 8)}, ["unnormalized"]),
 ]
 
@@ -103,25 +113,38 @@ def test_instance_norm_hint_names_layer_and_suggests_smaller_gn() -> None:
 
 
 def test_probe_hint_says_why_and_how_to_fix() -> None:
-    report = wsconvert.plan_conversion(Untraceable())
+    with pytest.warns(ProbeUnavailableWarning) as caught:
+        report = wsconvert.plan_conversion(NeedsTwoInputs())
     (hint,) = report.hints
     assert hint.warning
     assert "torch.fx cannot trace" in hint.message and "input_shape" in hint.message
+    assert "synthetic input of shape (1, 3, 224, 224)" in hint.message and "failed (TypeError" in hint.message
     assert "skipped nothing" not in hint.message
+    assert [str(w.message) for w in caught] == [hint.message]  # the warning is the hint, once
     with pytest.warns(ProbeUnavailableWarning):
-        report = wsconvert.plan_conversion(Untraceable(), skip_unnormalized=True)
+        report = wsconvert.plan_conversion(NeedsTwoInputs(), skip_unnormalized=True)
     assert "skip_unnormalized=True skipped nothing" in report.hints[0].message
+
+
+def test_synthetic_probe_hint_is_not_a_warning_and_says_how_to_give_an_input() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ProbeUnavailableWarning)
+        report = wsconvert.plan_conversion(Untraceable(), gn=32)
+    hint = next(h for h in report.hints if h.kind == "probe_synthetic")
+    assert not hint.warning
+    assert "synthetic input" in hint.message and "example_inputs=" in hint.message and "--input-shape" in hint.message
+    assert report.unnormalized_detection.startswith("forward hooks on a synthetic input of shape (1, 3, 224, 224)")
 
 
 @pytest.mark.parametrize("call", ["plan_conversion", "convert_model"])
 def test_skip_unnormalized_without_probe_warns_with_filterable_category(call: str) -> None:
     assert issubclass(ProbeUnavailableWarning, UserWarning)
     with pytest.warns(ProbeUnavailableWarning, match="skipped nothing.*input_shape"):
-        getattr(wsconvert, call)(Untraceable(), skip_unnormalized=True)
+        getattr(wsconvert, call)(NeedsTwoInputs(), skip_unnormalized=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warnings.filterwarnings("ignore", category=ProbeUnavailableWarning)
-        getattr(wsconvert, call)(Untraceable(), skip_unnormalized=True)  # users can filter it
+        getattr(wsconvert, call)(NeedsTwoInputs(), skip_unnormalized=True)  # users can filter it
 
 
 class FailsOnInput(AllNormalized):
@@ -143,29 +166,43 @@ def test_no_warning_when_probe_runs() -> None:
         wsconvert.convert_model(AllNormalized(), gn=32, input_shape=(1, 3, 8, 8))
 
 
+CLI_CASES = [
+    # id, architecture, extra arguments, expected Warning: lines, expected hint kinds
+    ("synthetic", "Untraceable", [], 0, ["unnormalized", "probe_synthetic"]),
+    ("input", "Untraceable", ["--input-shape", "1,3,8,8"], 0, ["unnormalized"]),
+    ("unavailable", "NeedsTwoInputs", [], 1, ["probe_unavailable"]),
+]
+
+
 @pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
 @pytest.mark.parametrize(
-    ("extra", "warned"), [([], True), (["--input-shape", "1,3,8,8"], False)], ids=["no-input", "input"]
+    ("arch", "extra", "warned", "hints"), [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES]
 )
-def test_cli_prints_warning_line_on_stderr(tmp_path, as_json: bool, extra: list[str], warned: bool) -> None:
+def test_cli_prints_warning_line_on_stderr(
+    tmp_path, as_json: bool, arch: str, extra: list[str], warned: int, hints: list[str]
+) -> None:
     source = tmp_path / "in.pt"
     torch.save(Untraceable().state_dict(), source)
-    args = [str(source), "-o", str(tmp_path / "out.pt"), "--arch", "test_report_hints:Untraceable", *extra]
+    args = [str(source), "-o", str(tmp_path / "out.pt"), "--arch", f"test_report_hints:{arch}", *extra]
     result = CliRunner().invoke(main, args + (["--json"] if as_json else []))
     assert result.exit_code == 0, result.output
     warning_lines = [line for line in result.stderr.splitlines() if line.startswith("Warning: ")]
-    assert len(warning_lines) == int(warned)
+    assert len(warning_lines) == warned, result.stderr
+    assert "ProbeUnavailableWarning" not in result.stderr  # not Python's warning format on top of the line
     if warned:
-        assert "torch.fx cannot trace" in warning_lines[0] and "--input-shape" in warning_lines[0]
+        line = warning_lines[0]
+        assert "torch.fx cannot trace" in line and "synthetic input" in line and "--input-shape" in line
     if as_json:
-        hints = json.loads(result.stdout)["report"]["hints"]  # stdout is pure JSON, hints included
-        assert [h["kind"] for h in hints] == (["probe_unavailable"] if warned else ["unnormalized"])
+        report = json.loads(result.stdout)["report"]  # stdout is pure JSON, hints included
+        assert [h["kind"] for h in report["hints"]] == hints
+    else:
+        assert "What to do:" in result.stdout
 
 
 def test_cli_skip_unnormalized_without_input_warns_once_in_its_own_format(tmp_path) -> None:
     source = tmp_path / "in.pt"
     torch.save(Untraceable().state_dict(), source)
-    args = [str(source), "-o", str(tmp_path / "out.pt"), "--arch", "test_report_hints:Untraceable"]
+    args = [str(source), "-o", str(tmp_path / "out.pt"), "--arch", "test_report_hints:NeedsTwoInputs"]
     result = CliRunner().invoke(main, [*args, "--gn", "4", "--skip-unnormalized"])
     assert result.exit_code == 0, result.output
     assert "ProbeUnavailableWarning" not in result.stderr  # not Python's warning format on top of the line

@@ -247,9 +247,95 @@ def test_detr_frozen_batchnorm_uses_its_own_eps_when_it_has_one() -> None:
     assert out[1].eps == 1e-3
 
 
-def test_frozen_batchnorm_lookalikes_outside_the_duck_type_are_left_alone() -> None:
-    report = plan_conversion(nn.Sequential(nn.Conv2d(3, 8, 3), _frozen(NotDuckFrozen)), gn=4)
-    assert [c.path for c in report.converted] == ["0"] and report.skipped == []
+def test_frozen_batchnorm_lookalikes_outside_the_duck_type_are_kept_and_listed() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), _frozen(NotDuckFrozen))
+    report = plan_conversion(model, gn=4)
+    assert [c.path for c in report.converted] == ["0"]
+    reason = _skips(report)["1"]  # never dropped silently (issue 13, point 2)
+    assert "looks like a normalization layer (buffers running_mean and running_var)" in reason
+    assert "replace_norm('elsewhere.OtherFrozenBatchNorm2d')" in reason
+    assert type(convert_model(model, gn=4)[1]) is NotDuckFrozen  # kept as it is
+
+
+# --- modules that look like norm layers but match no rule: listed as skipped, with the reason --------------
+
+
+class _RunningStats(nn.Module):
+    """BatchNorm statistics buffers, no affine: looks like a norm by its buffers, whatever its name."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(n))
+        self.register_buffer("running_var", torch.ones(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.running_mean[:, None, None]) * self.running_var[:, None, None].rsqrt()
+
+
+class _Affine(nn.Module):
+    """A per-channel weight and bias (parameters or buffers), no statistics."""
+
+    def __init__(self, n: int, buffers: bool = False, bias: bool = True) -> None:
+        super().__init__()
+        make = (lambda t: nn.Buffer(t)) if buffers else nn.Parameter
+        self.weight = make(torch.ones(n))
+        self.bias = make(torch.zeros(n)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = 0 if self.bias is None else self.bias[:, None, None]
+        return x * self.weight[:, None, None] + bias
+
+
+class _LayerNorm2d(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _lib_class(base: type, name: str, **init: object) -> type:
+    """A subclass of ``base`` named ``lib.<name>``, built with ``init`` keyword arguments."""
+    body = {"__init__": lambda self, n: base.__init__(self, n, **init)} if init else {}
+    return _named(type(name, (base,), body), "lib", name)
+
+
+NORM_LIKE = [
+    # id, module class, listed as skipped?, evidence in the reason
+    ("running-stats", _lib_class(_RunningStats, "Whitening"), True, "buffers running_mean and running_var"),
+    ("named-batchnorm", _lib_class(_Affine, "MyBatchNorm"), True, "class name 'MyBatchNorm' with a weight"),
+    ("named-norm2d-buffers", _lib_class(_Affine, "ChannelNorm2d", buffers=True), True, "'ChannelNorm2d'"),
+    ("named-norm1d", _lib_class(_Affine, "TokenNorm1d"), True, "'TokenNorm1d'"),
+    ("named-without-bias", _lib_class(_Affine, "ScaleNorm2d", bias=False), False, ""),
+    ("affine-other-name", _lib_class(_Affine, "ChannelScale"), False, ""),
+    ("layernorm2d-subclass", _lib_class(_LayerNorm2d, "LayerNorm2d"), False, ""),
+    ("groupnorm", lambda n: nn.GroupNorm(2, n), False, ""),
+    ("instancenorm-with-stats", lambda n: nn.InstanceNorm2d(n, track_running_stats=True), False, ""),
+]
+
+
+@pytest.mark.parametrize(("build", "listed", "evidence"), [c[1:] for c in NORM_LIKE], ids=[c[0] for c in NORM_LIKE])
+@pytest.mark.parametrize("gn", [None, 4])
+def test_norm_like_module_matching_no_rule_is_listed_as_skipped(build, listed: bool, evidence: str, gn) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), build(8))
+    report = plan_conversion(model, gn=gn)
+    skips = _skips(report)
+    assert ("1" in skips) == listed, skips
+    if listed:
+        assert evidence in skips["1"] and "no wsconvert rule matches" in skips["1"]
+        assert "wsconvert.rules.register(wsconvert.rules.replace_norm('lib." in skips["1"]
+        assert "declare_norm" in skips["1"]
+        assert not rules.is_norm(model[1])  # not counted as a norm layer by the probe either
+        assert [u.path for u in report.unnormalized] == ["0"]
+        assert type(convert_model(model, gn=gn)[1]) is type(model[1])
+
+
+def test_a_rule_or_declaration_for_a_norm_like_module_replaces_the_listing() -> None:
+    Whitening = _lib_class(_RunningStats, "Whitening")  # noqa: N806
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), Whitening(8))
+    keep_it = rules.keep(Whitening, reason="kept on purpose")
+    assert _skips(plan_conversion(model, rules=[keep_it]))["1"] == "kept on purpose"
+    with rules.isolated():
+        rules.declare_norm(Whitening)
+        report = plan_conversion(model, gn=4)
+        assert "1" not in _skips(report) and report.unnormalized == []
 
 
 def test_detr_frozen_batchnorm_with_bcn_is_kept_with_a_reason() -> None:

@@ -32,6 +32,7 @@ Examples:
   wsconvert model.safetensors --arch timm:resnet50 --arch-kwargs '{"num_classes": 10}'
   wsconvert model.pt --arch torchvision:resnet18 --dry-run --json
   wsconvert whole_model.pt --trust-pickle --gn 32   # torch.save(model) pickle
+  wsconvert tiny-resnet/ --gn 32                 # save_pretrained directory -> tiny-resnet.ws/
 
 \b
 Exit codes:
@@ -134,7 +135,10 @@ class _Progress:
 )
 @click.argument("input", type=click.Path(path_type=Path, dir_okay=True))
 @click.option(
-    "-o", "--output", type=click.Path(path_type=Path), help="Output file [default: INPUT's <stem>.ws<suffix>]."
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Output file [default: INPUT's <stem>.ws<suffix>], or directory for a directory INPUT [<name>.ws].",
 )
 @declared_options("gn", "norm", "bcn_estimate")
 @click.option(
@@ -146,7 +150,7 @@ class _Progress:
     callback=_json_object,
     help="Keyword arguments for --arch, e.g. '{\"num_classes\": 10}'.",
 )
-@declared_options("eps", "style", "include", "exclude", "skip_depthwise", "skip_unnormalized")
+@declared_options("eps", "style", "include", "exclude", "skip_depthwise", "skip_unnormalized", "standardize_frozen")
 @declared_option("input_shape", callback=_input_shape)
 @declared_options("preserve")
 @click.option(
@@ -158,7 +162,7 @@ class _Progress:
 @click.option("--bake", is_flag=True, help="Store standardized weights as plain conv weights (inference/export).")
 @click.option("--dry-run", is_flag=True, help="Load, plan and report; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print only the report, as JSON, on stdout.")
-@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file (or a directory wsconvert wrote).")
 @click.option(
     "--trust-pickle", is_flag=True, help="Allow a whole pickled model (loading a pickle runs code from the file)."
 )
@@ -167,14 +171,15 @@ def main(**params: Any) -> None:  # noqa: D417 - click renders the options
     """Convert a saved PyTorch checkpoint to Weight Standardization (optionally BatchNorm -> GroupNorm).
 
     INPUT is a state dict, a training checkpoint (timm, torchvision references, Lightning), a safetensors
-    file or, with --trust-pickle, a whole pickled model. The output keeps INPUT's layout; optimizer and
+    file, a transformers save_pretrained directory (config.json names the model; the output directory loads with
+    wsconvert.checkpoint.directory.load_pretrained) or, with --trust-pickle, a whole pickled model. The output
+    keeps INPUT's layout; optimizer and
     scheduler state is dropped (it no longer lines up with the converted parameters). The rewritten state
     dict loads with strict=True into convert_model(arch(), same options). INPUT is never modified.
     """
     progress = _Progress(_stderr_is_terminal() and not params["as_json"])
     # Imported here, inside click's handler: Ctrl-C during the torch import (most of a cold start) is Aborted!.
     from .checkpoint.rewrite import convert_checkpoint
-    from .probes.unnormalized import SKIPPED_NOTHING
 
     try:
         with warnings.catch_warnings(record=True) as caught:  # said as Warning: lines below, not in Python's format
@@ -208,11 +213,14 @@ def main(**params: Any) -> None:  # noqa: D417 - click renders the options
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
         click.echo(str(result))
+    said = set()  # each text once: a checkpoint with several state dicts plans (and warns) once per state dict
     for hint in result.report.hints:  # a missing result, loudly (stderr keeps --json output pure JSON)
-        if hint.warning:
+        if hint.warning and hint.message not in said:
+            said.add(hint.message)
             click.echo(f"Warning: {hint.message}", err=True)
     for warning in caught:
         if not issubclass(warning.category, ProbeUnavailableWarning):
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-        elif not str(warning.message).startswith(SKIPPED_NOTHING):  # that one is the probe_unavailable hint
+        elif str(warning.message) not in said:  # the probe_unavailable warning is that hint's text: said above
+            said.add(str(warning.message))
             click.echo(f"Warning: {warning.message}", err=True)

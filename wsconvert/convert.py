@@ -34,6 +34,7 @@ def plan_conversion(
     norm: str | None = None,
     bcn_estimate: float | None = None,
     preserve: bool = False,
+    standardize_frozen: bool = False,
     calibration_data: object = None,
     rules: Sequence[Rule] | None = None,
 ) -> ConversionReport:
@@ -74,6 +75,7 @@ def convert_model(
     norm: str | None = None,
     bcn_estimate: float | None = None,
     preserve: bool = False,
+    standardize_frozen: bool = False,
     calibration_data: object = None,
     rules: Sequence[Rule] | None = None,
 ) -> nn.Module:

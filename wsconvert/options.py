@@ -234,6 +234,15 @@ class ConversionOptions:
         kind="flag",
         validate=_boolean("preserve"),
     )
+    standardize_frozen: bool = _declare(
+        False,
+        "also standardize conv weights with `requires_grad=False` (by default they are left, with the reason: a "
+        "frozen weight cannot adapt to WS, e.g. ultralytics' fixed DFL conv)",
+        help="Also standardize frozen conv weights (requires_grad=False), e.g. ultralytics' fixed DFL conv.",
+        flag="--standardize-frozen",
+        kind="flag",
+        validate=_boolean("standardize_frozen"),
+    )
 
     @classmethod
     def build(cls, **options: Any) -> ConversionOptions:

@@ -41,6 +41,7 @@ from .probes.unnormalized import (
     run_forward,
     skip_unnormalized_steps,
     start_probe,
+    warn_if_probe_unavailable,
 )
 from .report import ConversionReport
 from .rules import Rule, resolve
@@ -187,6 +188,7 @@ def make_plan(
     norm: str | None = None,
     bcn_estimate: float | None = None,
     preserve: bool = False,
+    standardize_frozen: bool = False,
     example_inputs: object = None,
     input_shape: Sequence[int] | None = None,
     calibration_data: object = None,
@@ -226,22 +228,27 @@ def plan_for(
     observations = observe(model, example, options, probe=wanted, rules=rules)
     steps = skip_unnormalized_steps(steps, observations.probe, options)
     steps, one_group = give_pooled_norms_one_group(steps, observations.by_module)
-    return Plan(model, steps, options, observations, batches, one_group)
+    plan = Plan(model, steps, options, observations, batches, one_group)
+    warn_if_probe_unavailable(plan.report)  # a probe that ran and could not classify: say why, loudly
+    return plan
 
 
 def observe(
     model: nn.Module, example: object, options: ConversionOptions, *, probe: bool, rules: Sequence[Rule] | None = None
 ) -> Observations:
     """Every observation the plan needs: at most one fx trace (``start_probe``) and at most one forward pass on
-    ``example`` shared by the hook-based probe (when fx cannot trace) and the values-per-channel recorder.
+    ``example`` shared by the hook-based probe (when fx cannot trace) and the values-per-channel recorder. Without
+    ``example`` the probe runs on an input built from the model (``synthetic_input``); group sizes are not checked
+    on it (that changes the conversion, so it takes the user's input).
     ``rules`` (the call's own, unresolved) tell both which modules are norm layers and convs
     (``wsconvert.rules.is_norm`` / ``is_conv``)."""
-    result, pending = start_probe(model, example, rules=rules) if probe else (None, None)
+    result, pending = start_probe(model, example, rules=rules, synthetic=True) if probe else (None, None)
     values = None
     if needs_values_per_channel(example, options.gn):
         values = ValuesPerChannel(model, norm_types_in(model, rules))
     observers = [o for o in (pending, values) if o is not None]
-    failure = run_forward(model, example, observers) if observers else ""
+    inputs = pending.inputs if pending is not None else example  # ``example``, or the probe's synthetic input
+    failure = run_forward(model, inputs, observers) if observers else ""
     if pending is not None:
         result = pending.result(failure)
     if values is None:

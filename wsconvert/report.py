@@ -14,6 +14,8 @@ INPUT_FIX = (
     "give an input the model runs on: example_inputs=(tensor,) or input_shape=(1, 3, 224, 224) "
     "(CLI --input-shape 1,3,224,224)"
 )
+# How ``unnormalized_detection`` starts when the hook probe ran on an input built from the model (no input given).
+SYNTHETIC_DETECTION = "forward hooks on a synthetic input"
 
 __all__ = ["ConvertedModule", "SkippedModule", "GroupFallback", "UnnormalizedConv", "Hint", "ConversionReport"]
 
@@ -62,7 +64,7 @@ class Hint:
     """What to do about something the report found; ``warning`` hints mean a result is missing (the CLI prints
     them as ``Warning:`` lines on stderr)."""
 
-    kind: str  # "unnormalized", "instance_norm", "probe_unavailable"
+    kind: str  # "unnormalized", "instance_norm", "probe_synthetic", "probe_unavailable"
     message: str
     warning: bool = False
 
@@ -105,7 +107,7 @@ class ConversionReport:
     @property
     def hints(self) -> list[Hint]:
         """What to do about the findings, derived from the report's contents (so str() and to_dict() agree)."""
-        found = [_unnormalized_hint(self), _instance_norm_hint(self), _probe_hint(self)]
+        found = [_unnormalized_hint(self), _instance_norm_hint(self), _synthetic_probe_hint(self), _probe_hint(self)]
         return [hint for hint in found if hint is not None]
 
     def summary(self) -> dict[str, int]:
@@ -147,6 +149,8 @@ class ConversionReport:
             )
         elif self.unnormalized_detection.startswith("unavailable"):
             lines += ["", f"Unnormalized-conv detection {self.unnormalized_detection}"]
+        elif self.unnormalized_detection.startswith(SYNTHETIC_DETECTION):
+            lines += ["", f"No conv feeds anything but a normalization layer (found by {self.unnormalized_detection})"]
         if self.fidelity is not None:
             lines += ["", *self.fidelity.lines()]
         if self.notes:
@@ -191,6 +195,18 @@ def _instance_norm_hint(report: ConversionReport) -> Hint | None:
         "instance_norm",
         f"{len(single)} GroupNorm fallback(s) leave one channel per group ({shown}): that is InstanceNorm "
         f"(Wu & He, arXiv:1803.08494), which normalizes each channel on its own; for GroupNorm pass {suggestion}",
+    )
+
+
+def _synthetic_probe_hint(report: ConversionReport) -> Hint | None:
+    """The probe ran on an input wsconvert built (torch.fx could not trace and no input was given)."""
+    if not report.unnormalized_detection.startswith(SYNTHETIC_DETECTION):
+        return None
+    return Hint(
+        "probe_synthetic",
+        "torch.fx cannot trace the model and no input was given, so the unnormalized-conv probe ran it once on a "
+        "synthetic input built from the model (shape and sources above): what it found holds for the branches that "
+        f"input takes; {INPUT_FIX}",
     )
 
 

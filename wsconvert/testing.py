@@ -38,6 +38,7 @@ from ._optional import loaded_types
 from .errors import InvalidOptionError, WSConvertError
 from .norms.bcn import BatchChannelNorm
 from .report import ConversionReport
+from .rules.builtin import is_frozen_batchnorm_like
 from .ws.standardize import WeightStandardization
 
 __all__ = ["ConversionCheck", "ConversionCheckError", "Violation", "activation_calls", "check_conversion"]
@@ -48,8 +49,15 @@ T = TypeVar("T")
 _SHOWN = 5
 _DETAILS = 20  # detail lines shown by str()
 
-# Modules counted as activations: torch's and timm's activation modules (timm.layers.activations, _me, _jit).
-_ACTIVATION_MODULES = ("torch.nn.modules.activation", "timm.layers.activations")
+# Modules counted as activations: torch's, timm's (timm.layers.activations, _me, _jit) and those of the
+# third-party libraries the sweep covers (transformers, MONAI, pytorchvideo).
+_ACTIVATION_MODULES = (
+    "torch.nn.modules.activation",
+    "timm.layers.activations",
+    "transformers.activations",
+    "monai.networks.blocks.activation",
+    "pytorchvideo.layers.swish",
+)
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,12 @@ def _batchnorm_types() -> tuple[type, ...]:
     )
 
 
+def _is_batchnorm_family(module: nn.Module) -> bool:
+    """A BatchNorm-family layer: the types above, or a DETR-family frozen BatchNorm (transformers'
+    ``*FrozenBatchNorm2d`` classes, recognized by their buffers: wsconvert.rules.builtin)."""
+    return isinstance(module, _batchnorm_types()) or is_frozen_batchnorm_like(module)
+
+
 def _standardizes_itself(module: nn.Module) -> bool:
     """True for a conv type that standardizes its own weight (timm StdConv2d, transformers BiT, mmcv ConvWS2d,
     ...): a rule marked ``standardized`` matches it (wsconvert.rules.builtin, or a registered rule)."""
@@ -176,8 +190,9 @@ def _calls_and_output(model: nn.Module, args: tuple) -> tuple[dict[str, int], ob
 def activation_calls(model: nn.Module, inputs: object) -> dict[str, int]:
     """How often each activation module runs in one forward of ``model`` on ``inputs``, by its first path.
 
-    Activation modules are torch's (``torch.nn.modules.activation``) and timm's (``timm.layers.activations*``).
-    The forward runs without gradients in the model's current train/eval mode; hooks are removed afterwards.
+    Activation modules are torch's (``torch.nn.modules.activation``), timm's (``timm.layers.activations*``),
+    transformers', MONAI's and pytorchvideo's (``_ACTIVATION_MODULES``). The forward runs without gradients
+    in the model's current train/eval mode; hooks are removed afterwards.
     """
     return _calls_and_output(model, _as_args(inputs))[0]
 
@@ -238,11 +253,10 @@ def _deselected(paths: Sequence[str], options: dict) -> bool:
 def _check_batchnorm_left(converted: nn.Module, options: dict, gn: int, result: ConversionCheck) -> None:
     paths = _all_paths(converted)
     bcn_parts = {id(m.bn) for m in converted.modules() if isinstance(m, BatchChannelNorm)}
-    types = _batchnorm_types()
     left = [
         f"{paths[id(m)][0] or '<model>'} ({_type(m)})"
         for m in converted.modules()  # each distinct module once
-        if isinstance(m, types) and id(m) not in bcn_parts and not _deselected(paths[id(m)], options)
+        if _is_batchnorm_family(m) and id(m) not in bcn_parts and not _deselected(paths[id(m)], options)
     ]
     if left:
         result.violations.append(
@@ -292,7 +306,7 @@ def _check_report(original: nn.Module, converted: nn.Module, report: ConversionR
     wanted = [
         f"{path or '<model>'} ({_type(m)})"
         for path, m in original.named_modules()
-        if isinstance(m, (_ConvNd, *_batchnorm_types())) and path not in listed
+        if (isinstance(m, _ConvNd) or _is_batchnorm_family(m)) and path not in listed
     ]
     if wanted:
         result.violations.append(
@@ -507,7 +521,7 @@ def check_conversion(
     train_args = args if train_inputs is None else _as_args(train_inputs)
     result = ConversionCheck()
     result.convs = sum(isinstance(m, _ConvNd) for m in original.modules())
-    result.batchnorms = sum(isinstance(m, _batchnorm_types()) for m in original.modules())
+    result.batchnorms = sum(_is_batchnorm_family(m) for m in original.modules())
     result.standardized = len(_standardized_paths(converted) - _standardized_paths(original))
     options = report.options if report is not None else {}
     if gn is not None:

@@ -22,25 +22,31 @@ import itertools
 import json
 from collections import OrderedDict
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._optional import loaded_type
 from ..convert import bake as bake_model
 from ..convert import convert_measured
 from ..errors import ArchitectureError, CheckpointError, InvalidOptionError
+from ..integrations import ultralytics as ultralytics_integration
 from . import reader as ckpt
 from .arch import Architecture, arch_from_checkpoint, resolve_arch
 
 __all__ = [
     "OUTPUT_FORMATS",
+    "MODULES_FORMAT",
     "WHOLE_MODEL_FORMAT",
     "Entries",
     "Layout",
     "Output",
     "PickledModel",
+    "PickledModules",
+    "WholeModulesCheckpointLayout",
     "layout_of",
     "register_layout",
     "registered_layouts",
@@ -436,6 +442,156 @@ class WholeModuleLayout(Layout):
         return [Output({ckpt.INFO_KEY: info, "module": module, "state_dict": rewritten[None]})]
 
 
+MODULES_FORMAT = "wsconvert-whole-modules-checkpoint"
+
+
+def _is_ultralytics_model(module: nn.Module) -> bool:
+    base = loaded_type("ultralytics.nn.tasks", "BaseModel")
+    return base is not None and isinstance(module, base)
+
+
+@dataclass
+class PickledModules(PickledModel):
+    """The architecture of a checkpoint's whole modules: the first one (the others must be the same model).
+
+    An ultralytics model is planned with the trainability ultralytics' trainer gives it (only ``.dfl`` frozen):
+    its checkpoints store every module frozen (ModelEMA, strip_optimizer), which the frozen-weight rule would
+    otherwise leave unstandardized."""
+
+    def build_skeleton(self) -> nn.Module:
+        skeleton = super().build_skeleton()
+        if _is_ultralytics_model(self.module):
+            with ultralytics_integration.trainable_as_ultralytics_trains(skeleton):
+                flags = [p.requires_grad for p in skeleton.parameters()]
+            for p, flag in zip(skeleton.parameters(), flags, strict=True):
+                p.requires_grad_(flag)
+        return skeleton
+
+
+class WholeModulesCheckpointLayout(Layout):
+    """A training checkpoint dict holding whole pickled modules (read with ``--trust-pickle``): ultralytics'
+    ``last.pt`` / ``best.pt`` keep the model under ``ema`` and/or ``model`` (half precision; ``model`` is None
+    until strip_optimizer copies ``ema`` into it), beside ``optimizer``, ``updates``, ``train_args``, ``epoch``, ...
+
+    Every module entry is converted with the same options (the same architecture is required), optimizer and
+    scheduler state is dropped as for other training checkpoints (``reader.drop_reason``), the other entries are
+    kept. The output is the same dict with the converted modules in place and the record under ``INFO_KEY`` (and on
+    each module as ``_wsconvert_info``). Converted modules are made picklable (wsconvert.integrations.ultralytics:
+    unpickling parametrizes them again, so loading needs wsconvert); an ultralytics model also gets the WS-aware
+    ``fuse``, so ``YOLO(output)`` predicts, validates, exports and, with ``attach(yolo)``, trains. With ``--bake``
+    an ultralytics model is written fused for inference (baked WS, BatchNorms folded, GroupNorms kept: plain
+    torch/ultralytics classes) and any other module baked.
+    """
+
+    name = "whole modules in a training checkpoint"
+    label = "training checkpoint of whole modules"
+    bake_entries = False  # the modules are converted (and baked) in ``assemble``
+    release_input_pages = False  # the pickle's own code could have changed its tensors while unpickling
+
+    @staticmethod
+    def module_keys(loaded: ckpt.Loaded) -> list[str]:
+        return [key for key, value in loaded.obj.items() if isinstance(value, nn.Module)]
+
+    def matches(self, loaded: ckpt.Loaded) -> bool:
+        return loaded.kind == "checkpoint" and bool(self.module_keys(loaded))
+
+    def record(self, loaded: ckpt.Loaded) -> dict | None:
+        if ckpt.INFO_KEY in loaded.obj:
+            return checked_record(loaded, f"its entry {ckpt.INFO_KEY!r}", loaded.obj[ckpt.INFO_KEY])
+        for key in self.module_keys(loaded):
+            found = vars(loaded.obj[key]).get("_wsconvert_info")
+            if found is not None:  # e.g. a checkpoint ultralytics saved while training a model converted in Python
+                return checked_record(loaded, f"the _wsconvert_info attribute of its entry {key!r}", found)
+        return None
+
+    def architecture(self, loaded, arch, arch_kwargs, notes) -> PickledModules:  # noqa: ANN001
+        keys = self.module_keys(loaded)
+        first = loaded.obj[keys[0]]
+        for key in keys[1:]:
+            other = loaded.obj[key]
+            if type(other) is not type(first) or list(other.state_dict()) != list(first.state_dict()):
+                raise CheckpointError(
+                    f"{loaded.path}: its whole-module entries {keys[0]!r} ({type(first).__name__}) and {key!r} "
+                    f"({type(other).__name__}) are not the same model; wsconvert converts every entry with one plan"
+                )
+        if arch:
+            notes.append(f"--arch {arch} ignored: the checkpoint holds its modules ({', '.join(map(repr, keys))})")
+        return PickledModules(first)
+
+    def subject(self, architecture: Architecture | PickledModel) -> str:
+        return "the pickled modules"
+
+    def calibration_model(self, loaded: ckpt.Loaded, architecture: Architecture | PickledModel) -> nn.Module:
+        return architecture.build()
+
+    def entries(self, loaded: ckpt.Loaded, architecture: Architecture | PickledModel) -> Entries:
+        models, kept, dropped = {}, [], []
+        for key, value in loaded.obj.items():
+            if key == ckpt.INFO_KEY:
+                continue
+            reason = ckpt.drop_reason(key, value)
+            if reason:
+                dropped.append((key, reason))
+            elif isinstance(value, nn.Module):
+                models[key] = value.state_dict()
+            else:
+                kept.append(key)
+        return Entries(models, kept, dropped)
+
+    def record_fields(self, architecture, entries, bake) -> dict[str, Any]:  # noqa: ANN001
+        return {
+            "arch": architecture.spec,
+            "format": MODULES_FORMAT,
+            "modules": list(entries.models),
+            "dropped": [key for key, _ in entries.dropped],
+        }
+
+    def notes(self, bake: bool) -> list[str]:
+        if bake:
+            return [
+                "whole modules written baked (ultralytics: fused for inference, GroupNorms kept): they load with "
+                "YOLO(path) / torch.load(path, weights_only=False) without wsconvert, for predict, val and export"
+            ]
+        return [
+            "whole modules written converted: load with YOLO(path) or wsconvert.load(path) (needs wsconvert); before "
+            "yolo.train(...) call wsconvert.integrations.ultralytics.attach(yolo) so the trainer converts the model "
+            "it builds"
+        ]
+
+    def assemble(self, loaded, rewritten, info, *, calibration_data=None) -> list[Output]:  # noqa: ANN001
+        record = {k: v for k, v in info.items() if k in ("version", "options", "bake", "source")}
+        obj: dict[str, Any] = {}
+        for key, value in loaded.obj.items():
+            if key in info["dropped"] or key == ckpt.INFO_KEY:
+                continue
+            if key in rewritten:
+                value = self._converted(value, rewritten[key], info, record, calibration_data)
+            obj[key] = value
+        obj[ckpt.INFO_KEY] = info
+        return [Output(obj)]
+
+    @staticmethod
+    def _converted(module: nn.Module, state_dict: OrderedDict, info: dict, record: dict, calibration_data) -> nn.Module:  # noqa: ANN001
+        """``module`` converted in place as the rewrite planned it, holding the rewritten tensors."""
+        ultralytics = _is_ultralytics_model(module)
+        context = ultralytics_integration.trainable_as_ultralytics_trains(module) if ultralytics else nullcontext()
+        with context:
+            convert_measured(module, **info["options"], inplace=True, calibration_data=calibration_data)
+        module.load_state_dict(state_dict, strict=True)
+        if info["bake"]:
+            module = (
+                ultralytics_integration.fuse(module, verbose=False) if ultralytics else bake_model(module, inplace=True)
+            )
+            module._wsconvert_info = record
+            return module
+        if ultralytics:
+            return ultralytics_integration.prepare(module, record)
+        module._wsconvert_info = record
+        for m in module.modules():
+            ultralytics_integration.make_picklable(m)
+        return module
+
+
 # --- the registry --------------------------------------------------------------------------------
 
 _LAYOUTS: list[Layout] = []
@@ -485,5 +641,12 @@ def layout_of(loaded: ckpt.Loaded) -> Layout:
     )
 
 
-for _builtin in (SafetensorsLayout(), StateDictLayout(), TrainingCheckpointLayout(), WholeModuleLayout()):
+for _builtin in (
+    SafetensorsLayout(),
+    StateDictLayout(),
+    TrainingCheckpointLayout(),
+    WholeModuleLayout(),
+    WholeModulesCheckpointLayout(),
+):
     register_layout(_builtin)
+from . import directory as _directory  # noqa: E402, F401 - registers the save_pretrained directory layout

@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import ctypes
 import ctypes.util
+import difflib
 import errno
 import functools
 import json
@@ -30,6 +31,7 @@ import os
 import pickle
 import re
 import secrets
+import shutil
 import signal
 import stat
 import struct
@@ -45,6 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._optional import loaded_module, loaded_type
 from ..errors import CheckpointError, caused_by
 from .archive import inspect_zip
 
@@ -52,17 +55,24 @@ __all__ = [
     "INFO_KEY",
     "METADATA_INFO_KEY",
     "MODEL_KEYS",
+    "KeyMap",
     "Loaded",
+    "Rename",
+    "check_input_directory",
+    "check_output_directory",
     "default_output_path",
     "drop_reason",
     "is_state_dict",
+    "library_renaming",
     "load_checkpoint",
+    "match_keys",
     "match_prefix",
     "read_info",
     "release_mapped_pages",
     "safe_globals",
     "sniff",
     "write_atomic",
+    "write_directory_atomic",
     "write_safetensors",
     "write_torch",
 ]
@@ -132,6 +142,9 @@ class Loaded:
     obj: Any
     metadata: dict[str, str] = field(default_factory=dict)
     mmap: bool = False
+    # the files the tensors come from, when not ``path`` itself (a directory's weight files): their mapped pages
+    # are released while writing and each must stay unchanged until the output is published
+    files: list[Path] = field(default_factory=list)
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -389,9 +402,14 @@ def _safetensors_load(path: Path) -> tuple[OrderedDict, dict[str, str]]:
 def load_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> Loaded:
     """Read a checkpoint safely and tell its kind: raw state dict, training checkpoint or whole module.
 
-    Tensors are memory-mapped (``mmap=True`` / lazy safetensors), not copied into memory.
+    Tensors are memory-mapped (``mmap=True`` / lazy safetensors), not copied into memory. A directory is read as
+    a ``save_pretrained`` directory (config.json plus weights: :func:`wsconvert.checkpoint.directory.read_directory`).
     """
     path = Path(path)
+    if not_a_regular_file(path) == "a directory":
+        from .directory import read_directory  # same layer; imported here, it builds on this module
+
+        return read_directory(path, trust_pickle=trust_pickle)
     fmt = sniff(path)
     if fmt == "safetensors":
         tensors, metadata = _safetensors_load(path)
@@ -472,6 +490,299 @@ def match_prefix(keys: list[str], expected: set[str]) -> tuple[str, int]:
     return prefix, count
 
 
+# --- key maps: checkpoint keys -> architecture keys ----------------------------------------------------------------
+
+# The longest run of dot-separated parts an inner prefix may have (``conv_encoder.``, ``mlp.``, ``0.module.``).
+INNER_RUN_PARTS = 3
+_EXAMPLES = 3
+
+
+@dataclass
+class Rename:
+    """One rename rule and the key pairs it made: ``rule`` names it (e.g. ``'conv_encoder.' removed after
+    'model.backbone.'``), ``source`` says where the rule comes from (a library's loader, or found in the keys)."""
+
+    rule: str
+    source: str
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+
+    def describe(self) -> str:
+        old, new = self.pairs[0]
+        return f"{self.rule} ({len(self.pairs)} keys, e.g. {_shortened(old)} -> {_shortened(new)})"
+
+
+@dataclass
+class KeyMap:
+    """How a state dict's keys map onto an architecture's keys (``match_keys``).
+
+    ``pairs``: checkpoint key (as in the file) -> architecture key, one-to-one; ``kept``: keys outside ``prefix``,
+    kept as they are; ``unexpected``: keys under ``prefix`` (prefix stripped) that map to no architecture key;
+    ``missing``: architecture keys that nothing maps to; ``sizes``: (key, shape in the file, shape in the
+    architecture) of pairs whose shapes differ (the key as the file names it, ``as`` its architecture name when
+    renamed); ``ambiguous``: keys a rename could pair in more than one way (never guessed); ``unsupported``:
+    keys a library's loader converts with tensor operations (merged, split), which a rename cannot mirror.
+    """
+
+    prefix: str
+    pairs: dict[str, str]
+    kept: list[str]
+    unexpected: list[str]
+    missing: list[str]
+    renames: list[Rename] = field(default_factory=list)
+    sizes: list[tuple[str, list[int], list[int]]] = field(default_factory=list)
+    ambiguous: list[str] = field(default_factory=list)
+    unsupported: list[str] = field(default_factory=list)
+    direct: int = 0
+
+    @property
+    def complete(self) -> bool:
+        """Every key under the prefix maps to an architecture key of the same shape and every architecture key
+        is mapped, one-to-one."""
+        return not (self.unexpected or self.missing or self.sizes or self.ambiguous or self.unsupported)
+
+    def renamed(self) -> list[str]:
+        """The rename rules applied, one line each (for the report)."""
+        return [rename.describe() for rename in self.renames]
+
+
+def _shortened(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else f"{text[: limit // 2]}...{text[-limit // 4 :]} ({len(text):,} characters)"
+
+
+# One library loader's renaming: key -> (renamed key, the source pattern of a tensor-operation converter or None).
+LibraryRenaming = Callable[[str], tuple[str, "str | None"]]
+
+
+def library_renaming(model: nn.Module) -> tuple[str, LibraryRenaming] | None:
+    """The key renaming the model's own library applies when it loads a checkpoint, as (name, rename), or None.
+
+    transformers 5 renames checkpoint keys while loading (``from_pretrained``) and renames them back while saving
+    (``save_pretrained``: ``core_model_loading.revert_weight_conversion``), so the files it writes hold keys the
+    model does not have: DETR's ``model.backbone.conv_encoder.*`` for ``model.backbone.*``, ``out_proj`` for
+    ``o_proj``, ``layers.N.fc1`` for ``layers.N.mlp.fc1`` (``conversion_mapping.py``). This mirrors its loader
+    exactly: ``get_model_conversion_mapping(model)`` (the transforms ``from_pretrained`` uses), split into
+    ``WeightRenaming`` and ``WeightConverter``, then ``rename_source_key(key, renamings, converters,
+    model.base_model_prefix, model.state_dict())`` for every key. Converters (tensors merged or split) are
+    reported, not applied. Only for models of an already imported transformers (wsconvert._optional).
+    """
+    pretrained = loaded_type("transformers.modeling_utils", "PreTrainedModel")
+    if pretrained is None or not isinstance(model, pretrained):
+        return None
+    mapping = loaded_module("transformers.conversion_mapping")
+    core = loaded_module("transformers.core_model_loading")
+    get_mapping = getattr(mapping, "get_model_conversion_mapping", None)
+    rename_key = getattr(core, "rename_source_key", None)
+    renaming_type = getattr(core, "WeightRenaming", None)
+    converter_type = getattr(core, "WeightConverter", None)
+    if not all(callable(x) for x in (get_mapping, rename_key, renaming_type, converter_type)):
+        return None  # transformers < 5: no conversion mapping
+    try:
+        transforms = list(get_mapping(model))  # type: ignore[misc]
+    except Exception:  # noqa: BLE001 - a library's mapping code: without it the keys are matched as they are
+        return None
+    renamings = [t for t in transforms if isinstance(t, renaming_type)]  # type: ignore[arg-type]
+    converters = [t for t in transforms if isinstance(t, converter_type)]  # type: ignore[arg-type]
+    if not renamings and not converters:
+        return None
+    base = getattr(model, "base_model_prefix", None) or None
+    meta = model.state_dict()
+
+    def rename(key: str) -> tuple[str, str | None]:
+        new, pattern = rename_key(key, renamings, converters, base, meta)  # type: ignore[misc]
+        return str(new), None if pattern is None else str(pattern)
+
+    return f"transformers' load-time conversion mapping of {type(model).__name__}", rename
+
+
+def _parts_removed(parts: tuple[str, ...]) -> Iterator[tuple[int, int, tuple[str, ...]]]:
+    """(start, length, remaining parts) for every run of 1..INNER_RUN_PARTS consecutive parts that can be removed
+    from ``parts``, the last part (the tensor's own name) always staying."""
+    for start in range(len(parts) - 1):
+        for length in range(1, min(INNER_RUN_PARTS, len(parts) - 1 - start) + 1):
+            yield start, length, parts[:start] + parts[start + length :]
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """Keys under ``old`` (a run of parts) are renamed to ``new`` + the rest: ``run`` was inserted (``insert``)
+    into, or removed from, the checkpoint's keys after ``head``, before the part ``next``."""
+
+    insert: bool
+    head: tuple[str, ...]
+    run: tuple[str, ...]
+    next: str
+
+    @property
+    def old(self) -> tuple[str, ...]:
+        return self.head + ((self.next,) if self.insert else self.run + (self.next,))
+
+    @property
+    def new(self) -> tuple[str, ...]:
+        return self.head + (self.run + (self.next,) if self.insert else (self.next,))
+
+    def apply(self, parts: tuple[str, ...]) -> tuple[str, ...]:
+        return self.new + parts[len(self.old) :]
+
+    def describe(self) -> str:
+        run, head = ".".join(self.run) + ".", ".".join(self.head)
+        where = f"after {head + '.'!r}" if head else "at the start"
+        return f"{run!r} {'inserted' if self.insert else 'removed'} {where}"
+
+
+def _inner_renames(
+    unmatched: list[str], free: set[str], max_parts: int
+) -> tuple[dict[str, tuple[str, _Rule]], list[str]]:
+    """Pairs (checkpoint key -> (architecture key, rule)) explained by an inner prefix inserted or removed, and the
+    ambiguities (messages).
+
+    A candidate rule comes from one key pair that differs by a run of 1..INNER_RUN_PARTS parts at one place
+    (``a.conv_encoder.b.w`` / ``a.b.w``). It covers every unmatched key under its old head (the parts up to and
+    including the one after the run) and is accepted only when it maps every one of them to a free architecture
+    key: one consistent rule, never a similarity guess. A key that accepted rules map to two different keys, and
+    an architecture key two checkpoint keys map to, are ambiguous and left unmatched.
+    """
+    keys = {key: tuple(key.split(".")) for key in unmatched if key.count(".") < max_parts + INNER_RUN_PARTS}
+    by_parts = {parts: key for key, parts in keys.items()}
+    free_parts = {tuple(key.split(".")): key for key in free if key.count(".") < max_parts}
+    rules: set[_Rule] = set()
+    for parts in keys.values():  # runs the checkpoint has and the architecture lacks
+        for start, length, rest in _parts_removed(parts):
+            if rest in free_parts:
+                rules.add(_Rule(False, parts[:start], parts[start : start + length], parts[start + length]))
+    for parts in free_parts:  # runs the architecture has and the checkpoint lacks
+        for start, length, rest in _parts_removed(parts):
+            if rest in by_parts:
+                rules.add(_Rule(True, parts[:start], parts[start : start + length], parts[start + length]))
+    under: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
+    for parts in keys.values():
+        for end in range(1, len(parts) + 1):  # a head may be the whole key (a run inserted before its last part)
+            under.setdefault(parts[:end], []).append(parts)
+    targets: dict[str, dict[str, _Rule]] = {}
+    for rule in sorted(rules, key=lambda r: (r.old, r.new)):
+        domain = under.get(rule.old, [])
+        mapped = [(parts, rule.apply(parts)) for parts in domain]
+        if mapped and all(new in free_parts for _, new in mapped):
+            for parts, new in mapped:
+                targets.setdefault(by_parts[parts], {}).setdefault(free_parts[new], rule)
+    ambiguous: list[str] = []
+    pairs: dict[str, tuple[str, _Rule]] = {}
+    for key, found in targets.items():
+        if len(found) > 1:
+            ambiguous.append(f"{_shortened(key)} could be {' or '.join(_shortened(k) for k in sorted(found))}")
+        else:
+            ((target, rule),) = found.items()
+            pairs[key] = (target, rule)
+    claimed: dict[str, list[str]] = {}
+    for key, (target, _) in pairs.items():
+        claimed.setdefault(target, []).append(key)
+    for target, sources in claimed.items():
+        if len(sources) > 1:
+            ambiguous.append(f"{' and '.join(_shortened(k) for k in sorted(sources))} both map to {_shortened(target)}")
+            for key in sources:
+                del pairs[key]
+    return pairs, ambiguous
+
+
+def match_keys(
+    shapes: Mapping[str, Any],
+    expected: Mapping[str, Any],
+    renaming: tuple[str, LibraryRenaming] | None = None,
+) -> KeyMap:
+    """Map a state dict's keys (``shapes``: key -> shape) onto an architecture's (``expected``: key -> shape).
+
+    In this order, each step only for the keys the previous ones left: (1) the leading prefix (``module.``,
+    ``_orig_mod.``, a Lightning attribute: ``match_prefix``), stripped; (2) keys equal to an architecture key;
+    (3) the model library's own load-time renaming (``renaming``, e.g. ``library_renaming(model)``: transformers'
+    conversion mapping); (4) inner prefixes inserted or removed by one consistent rule (``_inner_renames``). The
+    result is one-to-one: a key never moves when it already names an architecture key, two keys never map to one
+    key, and a key two rules pair differently is reported as ambiguous instead of guessed. Pairs whose shapes
+    differ are reported in ``sizes`` (never loaded). Shapes may be None (unknown: only names are compared).
+    """
+    keys = list(shapes)
+    names = set(expected)
+    prefix, direct = match_prefix(keys, names)
+    if renaming is not None:
+        renamed_prefix, votes = match_prefix([renaming[1](k)[0] for k in keys], names)
+        if votes > direct:
+            prefix = renamed_prefix
+    own = [k for k in keys if k.startswith(prefix)]
+    kept = [k for k in keys if not k.startswith(prefix)]
+    pairs: dict[str, str] = {}
+    claimed: dict[str, str] = {}
+    for key in own:
+        stripped = key[len(prefix) :]
+        if stripped in names:
+            pairs[key] = claimed[stripped] = stripped
+    direct = len(pairs)
+    renames: dict[tuple[str, str], Rename] = {}
+    ambiguous: list[str] = []
+    unsupported: list[str] = []
+    converted: set[str] = set()
+
+    def pair(key: str, target: str, rule: str, source: str) -> None:
+        if target in claimed:
+            ambiguous.append(
+                f"{_shortened(key)} ({source}) and {_shortened(claimed[target])} both map to {_shortened(target)}"
+            )
+            return
+        pairs[key] = claimed[target] = target
+        renames.setdefault((source, rule), Rename(rule, source)).pairs.append((key[len(prefix) :], target))
+
+    if renaming is not None:
+        source, rename = renaming
+        for key in own:
+            if key in pairs:
+                continue
+            target, converter = rename(key[len(prefix) :])
+            if converter is not None:
+                converted.add(key)
+                unsupported.append(f"{_shortened(key)} ({source} converts it with tensor operations: {converter!r})")
+            elif target in names:
+                pair(key, target, f"renamed by {source}", source)
+    left = [k for k in own if k not in pairs and k not in converted]
+    if left:
+        max_parts = max((k.count(".") + 1 for k in names), default=0)
+        found, unresolved = _inner_renames([k[len(prefix) :] for k in left], names - set(claimed), max_parts)
+        ambiguous += unresolved
+        for stripped, (target, rule) in found.items():
+            pair(prefix + stripped, target, rule.describe(), "inner prefix")
+    sizes = []
+    for key, target in pairs.items():
+        got, want = shapes[key], expected[target]
+        if got is not None and want is not None and list(got) != list(want):
+            name = key[len(prefix) :]
+            sizes.append((name if name == target else f"{name} (as {target})", list(got), list(want)))
+    return KeyMap(
+        prefix=prefix,
+        pairs=pairs,
+        kept=kept,
+        unexpected=[k[len(prefix) :] for k in own if k not in pairs],
+        missing=[k for k in expected if k not in claimed],
+        renames=list(renames.values()),
+        sizes=sizes,
+        ambiguous=ambiguous,
+        unsupported=unsupported,
+        direct=direct,
+    )
+
+
+def closest_pair(keymap: KeyMap, shapes: Mapping[str, Any], expected: Mapping[str, Any]) -> tuple[str, str] | None:
+    """For a message only, never for matching: the unexpected checkpoint key and missing architecture key that look
+    most alike (same shape when both are known; difflib's ratio on the names), or None."""
+    best: tuple[float, str, str] | None = None
+    for key in keymap.unexpected[:32]:
+        got = shapes.get(keymap.prefix + key)
+        for target in keymap.missing[:32]:
+            want = expected.get(target)
+            known = [list(shape) for shape in (got, want) if shape is not None]
+            if [] in known or len(known) == 2 and known[0] != known[1]:
+                continue  # a scalar (num_batches_tracked) or another shape: not an example worth naming
+            score = difflib.SequenceMatcher(None, key, target, autojunk=False).ratio()
+            if best is None or score > best[0]:
+                best = (score, key, target)
+    return None if best is None else (best[1], best[2])
+
+
 def read_info(obj: object) -> dict | None:
     """The wsconvert record in a loaded output (checkpoint entry, state-dict metadata), if any."""
     if isinstance(obj, Mapping):
@@ -485,9 +796,82 @@ def read_info(obj: object) -> dict | None:
 
 
 def default_output_path(path: str | os.PathLike) -> Path:
-    """``<stem>.ws<suffix>`` beside the input: model.pt -> model.ws.pt, m.safetensors -> m.ws.safetensors."""
+    """``<stem>.ws<suffix>`` beside the input: model.pt -> model.ws.pt, m.safetensors -> m.ws.safetensors; for a
+    directory ``<name>.ws`` beside it (bit-tiny/ -> bit-tiny.ws/)."""
     path = Path(path)
+    if not_a_regular_file(path) == "a directory":
+        path = path if path.name else Path(os.path.abspath(path))  # "." or "..": name the directory itself
+        return path.with_name(f"{path.name}.ws")
     return path.with_name(f"{path.stem}.ws{path.suffix}")
+
+
+def check_input_directory(path: Path) -> None:
+    """Refuse a directory input that cannot be listed (CheckpointError); its entries are checked when it is read."""
+    if not_a_regular_file(path) != "a directory":
+        raise CheckpointError(f"{path} is not a directory")
+    try:
+        os.listdir(path)
+    except OSError as error:
+        raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
+
+
+def is_wsconvert_directory(path: Path) -> bool:
+    """Whether ``path`` is a directory that wsconvert wrote: its config.json (a regular file) holds a top-level
+    ``INFO_KEY`` record. Only such a directory may be replaced by ``--force``."""
+    config = path / "config.json"
+    if path.is_symlink() or not_a_regular_file(path) != "a directory" or not_a_regular_file(config) is not None:
+        return False
+    try:
+        if os.stat(config).st_size > 64 * 2**20:
+            return False
+        value = json.loads(config.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(value, dict) and isinstance(value.get(INFO_KEY), dict) and "version" in value[INFO_KEY]
+
+
+def check_output_directory(path: Path, *, force: bool) -> None:
+    """Fail early for a directory output (a converted ``save_pretrained`` directory) that cannot be written.
+
+    Refused: a name too long for its filesystem, a missing or unwritable parent, a symlink, a file or special file
+    under that name, and an existing directory, unless ``force`` is given and it is a directory wsconvert wrote
+    (:func:`is_wsconvert_directory`): ``--force`` never deletes a directory of other files.
+    """
+    name_max = _name_max(path.parent)
+    if len(os.fsencode(path.name)) > name_max:
+        raise CheckpointError(
+            f"output name {path.name[:40]}... is {len(os.fsencode(path.name))} bytes, longer than the "
+            f"{name_max} its filesystem allows; pick a shorter -o"
+        )
+    if path.is_symlink():
+        raise CheckpointError(
+            f"output {path} is a symlink; wsconvert writes the converted directory itself: pick another -o"
+        )
+    kind = not_a_regular_file(path)
+    if kind is None:
+        raise CheckpointError(
+            f"output {path} is a file; a save_pretrained directory converts to a directory: pick another -o"
+        )
+    if kind == "a directory":
+        if not force:
+            raise CheckpointError(
+                f"output {path} already exists; pass --force to replace it or -o to pick another name"
+            )
+        if not is_wsconvert_directory(path):
+            raise CheckpointError(
+                f"output {path} is an existing directory that wsconvert did not write (no wsconvert record in its "
+                "config.json); --force only replaces a converted directory: remove it yourself or pick another -o"
+            )
+    elif kind != "missing":
+        raise CheckpointError(f"output {path} is {kind}; pick another -o")
+    directory = path.parent
+    directory_kind = not_a_regular_file(directory)
+    if directory_kind == "missing":
+        raise CheckpointError(f"output directory {directory} does not exist; create it first")
+    if directory_kind != "a directory":
+        raise CheckpointError(f"output directory {directory} is {directory_kind or 'a file'}, not a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise CheckpointError(f"output directory {directory} is not writable; pick another with -o")
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -705,6 +1089,121 @@ def _publish(tmp: Path, path: Path, force: bool) -> None:
         os.replace(tmp, path)
 
 
+# renameat2(2) flags (Linux >= 3.15, glibc >= 2.28): publish a directory without replacing one that appeared
+# meanwhile (NOREPLACE), or swap it with the old converted directory in one step (EXCHANGE).
+_RENAME_NOREPLACE, _RENAME_EXCHANGE, _AT_FDCWD = 1, 2, -100
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2() -> Callable | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _rename2(old: Path, new: Path, flags: int) -> bool:
+    """``renameat2(old, new, flags)``: True when done, False when this system or filesystem lacks it (then the
+    caller falls back to checked ``os.rename`` calls); OSError (e.g. FileExistsError) for a refusal."""
+    function = _renameat2()
+    if function is None:
+        return False
+    if function(_AT_FDCWD, os.fsencode(old), _AT_FDCWD, os.fsencode(new), flags) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, getattr(errno, "ENOTSUP", errno.EINVAL)):
+        return False
+    raise OSError(code, os.strerror(code), str(new))
+
+
+def _publish_directory(tmp: Path, path: Path, force: bool) -> None:
+    """Give the written temporary directory its final name (see :func:`write_directory_atomic`)."""
+    appeared = f"output {path} appeared while writing; pass --force to replace it or -o to pick another name"
+    if force and os.path.lexists(path):
+        if not is_wsconvert_directory(path):  # again: something else may have appeared under that name meanwhile
+            raise CheckpointError(f"output {path} is no longer a directory wsconvert wrote; nothing was replaced")
+        if _rename2(tmp, path, _RENAME_EXCHANGE):
+            return  # ``tmp`` now holds the old directory, which the caller removes
+        old = _temp_path(path)
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    try:
+        if _rename2(tmp, path, _RENAME_NOREPLACE):
+            return
+    except FileExistsError:
+        raise CheckpointError(appeared) from None
+    if os.path.lexists(path):
+        raise CheckpointError(appeared)
+    os.rename(tmp, path)
+
+
+@contextlib.contextmanager
+def write_directory_atomic(
+    path: str | os.PathLike,
+    *,
+    force: bool = False,
+    sources: list[FileIdentity] | None = None,
+    sigbus_source: FileIdentity | None = None,
+) -> Iterator[Path]:
+    """Yield a new temporary directory beside ``path`` to write the files of a directory output into; on success
+    fsync them and rename the directory to ``path``.
+
+    The directory is ``.<name>.<random>.tmp`` (mode from the umask). On any failure or interruption it is removed
+    with what it holds and ``path`` is untouched; write failures become one CheckpointError naming ``path``
+    (:func:`_write_failure`). Without ``force`` an existing ``path`` is never replaced, not even one that
+    appeared meanwhile (``renameat2(RENAME_NOREPLACE)`` where available, else a checked rename); with ``force``
+    only a directory wsconvert wrote is replaced, swapped in one step (``RENAME_EXCHANGE``) where available.
+    ``sources`` are the input files: if one changes before the end, nothing is published; ``sigbus_source``
+    names the input in the message when a truncated memory map raises SIGBUS (:func:`_exit_on_sigbus`).
+    """
+    path = Path(path)
+    check_output_directory(path, force=force)
+    workdir = _temp_path(path)
+
+    def changed() -> CheckpointError | None:
+        for source in sources or []:
+            change = source.change()
+            if change is not None:
+                return source.changed_error(change)
+        return None
+
+    try:
+        os.mkdir(workdir, 0o777)  # like any new directory: its mode follows the umask
+    except OSError as error:
+        raise CheckpointError(f"cannot write to {path.parent}: {error.strerror or error}") from None
+    try:
+        with _exit_on_sigbus(workdir, sigbus_source):
+            try:
+                yield workdir
+            except BaseException as error:
+                failure = _write_failure(path, error, None)
+                if not isinstance(failure, KeyboardInterrupt):
+                    failure = changed() or failure
+                if failure is error:
+                    raise
+                raise failure from None
+        failure = changed()
+        if failure is not None:
+            raise failure
+        for name in sorted(os.listdir(workdir)):
+            with open(workdir / name, "rb+") as f:
+                os.fsync(f.fileno())
+        _fsync_directory(workdir)
+        _publish_directory(workdir, path, force)
+        _fsync_directory(path.parent)
+    except OSError as error:
+        raise CheckpointError(f"cannot write {path}: {error.strerror or error}") from None
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 # While writing, drop the input file's pages from this process every this many bytes (see release_mapped_pages).
 RELEASE_EVERY_BYTES = 64 * 2**20
 _MADV_DONTNEED = 4  # Linux
@@ -831,7 +1330,10 @@ def write_torch(
     """
     with write_atomic(path, force=force, source=source) as tmp, open(tmp, "wb") as f:
         # Always through _Writer: every write is a Python call, where Ctrl-C and failures surface at once.
-        torch.save(obj, _Writer(f, on_bytes, release))
+        # torch.serialization.save, not torch.save: importing ultralytics replaces torch.save with a wrapper that
+        # retries a failed save (ultralytics/utils/patches.py torch_save), which would rewrite into the same
+        # stream after a full disk or a Ctrl-C and report success.
+        torch.serialization.save(obj, _Writer(f, on_bytes, release))
     if release is not None:
         release_mapped_pages(release)
 

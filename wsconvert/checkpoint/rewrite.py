@@ -14,10 +14,11 @@ through one atomic write path.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,12 +47,15 @@ __all__ = [
 
 @dataclass
 class EntryResult:
-    """One rewritten model state dict: where it was (``key`` None: the file itself), its key prefix."""
+    """One rewritten model state dict: where it was (``key`` None: the file itself), its key prefix, and the
+    rename rules that mapped its keys onto the architecture's (``reader.match_keys``; the output uses the
+    architecture's names)."""
 
     key: str | None
     prefix: str
     tensors: int
     kept_keys: list[str] = field(default_factory=list)
+    renamed: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -86,6 +90,7 @@ class CheckpointConversion:
             "bake": self.bake,
             "entries": [
                 {"key": e.key, "prefix": e.prefix, "tensors": e.tensors, "kept_keys": list(e.kept_keys)}
+                | ({"renamed": list(e.renamed)} if e.renamed else {})  # the rename rules, when keys were renamed
                 for e in self.entries
             ],
             "kept": list(self.kept),
@@ -107,6 +112,10 @@ class CheckpointConversion:
             lines.append(f"  rewritten: {where} ({entry.tensors} tensors{prefix})")
             if entry.kept_keys:
                 lines.append(f"    kept as is (outside the model): {', '.join(entry.kept_keys)}")
+            for rule in entry.renamed[:_SHOWN]:
+                lines.append(f"    keys renamed to the architecture's: {rule}")
+            if len(entry.renamed) > _SHOWN:
+                lines.append(f"    +{len(entry.renamed) - _SHOWN} more rename rules (--json lists them all)")
         if self.kept:
             lines.append(f"  kept unchanged: {', '.join(self.kept)}")
         for key, reason in self.dropped:
@@ -131,33 +140,84 @@ def _shape(t: torch.Tensor) -> list[int]:
     return list(t.shape)
 
 
+def _shape_or_none(t: object) -> list[int] | None:
+    """A tensor's shape, or None where it has none to compare (nested tensors; refused by validate_state_dict)."""
+    try:
+        return list(t.shape)  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def _mismatch_error(
     where: str,
     arch: str,
-    matched: int,
-    missing: list[str],
-    unexpected: list[str],
-    sizes: list[tuple[str, list[int], list[int]]],
-    expected_keys: list[str],
+    keymap: ckpt.KeyMap,
+    shapes: Mapping[str, Any],
+    expected: Mapping[str, Any],
 ) -> CheckpointError:
+    """The one-line refusal of a state dict whose keys do not map onto ``arch`` (``reader.match_keys``), with a
+    hint that says what the keys look like: another architecture, the right one with a different number of
+    classes, or the right one under a prefix or renaming that wsconvert could not resolve (an example pair)."""
     parts = []
-    if missing:
-        parts.append(f"missing keys {_listed(missing)}")
-    if unexpected:
-        parts.append(f"unexpected keys {_listed(unexpected)}")
+    if keymap.ambiguous:
+        parts.append(f"ambiguous renaming: {'; '.join(keymap.ambiguous[:_SHOWN])}")
+    if keymap.unsupported:
+        parts.append(f"keys converted by tensor operations: {_listed(keymap.unsupported)}")
+    if keymap.missing:
+        parts.append(f"missing keys {_listed(keymap.missing)}")
+    if keymap.unexpected:
+        parts.append(f"unexpected keys {_listed(keymap.unexpected)}")
+    sizes = keymap.sizes
     for key, got, want in sizes[:_SHOWN]:
         parts.append(f"size mismatch for {key}: {got} in the checkpoint, {want} in the architecture")
     if len(sizes) > _SHOWN:
         parts.append(f"+{len(sizes) - _SHOWN} more size mismatches")
-    if matched == 0:
-        hint = f"none of its keys belong to {arch}: check --arch"
+    total = len(expected)
+    matched = len(keymap.pairs)
+    example = ckpt.closest_pair(keymap, shapes, expected)
+    pair = f"checkpoint {_short(example[0])!r} vs architecture {_short(example[1])!r}" if example else ""
+    tail = set(list(expected)[-2:])
+    classes = {got[0] for key, got, want in sizes if key in tail and got[1:] == want[1:] and got[:1] != want[:1]}
+    if keymap.ambiguous:
+        hint = (
+            f"the keys look like {arch} under a renaming that pairs some keys more than one way, and wsconvert never "
+            "guesses between tensors: rename those keys in the checkpoint (load it, rename, save) to the "
+            "architecture's names"
+        )
+    elif keymap.unsupported:
+        hint = (
+            f"the keys look like {arch}, saved in a format its library's loader converts with tensor operations: "
+            "load the checkpoint with the library (e.g. from_pretrained), then save model.state_dict() and convert that"
+        )
+    elif matched == 0:
+        hint = f"none of its keys belong to {arch}: the keys look like another architecture; check --arch"
+        if pair:
+            hint += f" (closest names: {pair})"
+    elif len(classes) == 1 and len(sizes) == len([k for k, _, _ in sizes if k in tail]):
+        hint = f"likely a different number of classes: try --arch-kwargs '{{\"num_classes\": {classes.pop()}}}'"
+    elif 2 * matched >= total and pair and not sizes:
+        hint = (
+            f"{matched} of {total} keys match, so the keys look like {arch} with a prefix or renaming wsconvert could "
+            f"not resolve, e.g. {pair}: rename those keys in the checkpoint (load it, rename, save), or load it "
+            "with the model's library and save model.state_dict()"
+        )
+    elif 2 * matched >= total and sizes:
+        hint = (
+            f"the names are those of {arch}, {len(sizes)} shapes are not: likely another configuration of the model "
+            "(depth, width, classes); check --arch and --arch-kwargs"
+        )
+    elif 2 * matched >= total and not keymap.unexpected:
+        hint = (
+            f"every key of the checkpoint belongs to {arch}, which has {len(keymap.missing)} more: likely a smaller "
+            "configuration of the model or a partial save; check --arch and --arch-kwargs"
+        )
+    elif 2 * matched >= total:
+        hint = "is --arch (with --arch-kwargs) the model this checkpoint was saved from?"
     else:
-        tail = set(expected_keys[-2:])
-        classes = {got[0] for key, got, want in sizes if key in tail and got[1:] == want[1:] and got[:1] != want[:1]}
-        if len(classes) == 1 and len(sizes) == len([k for k, _, _ in sizes if k in tail]):
-            hint = f"likely a different number of classes: try --arch-kwargs '{{\"num_classes\": {classes.pop()}}}'"
-        else:
-            hint = "is --arch (with --arch-kwargs) the model this checkpoint was saved from?"
+        hint = (
+            f"only {matched} of {total} keys of {arch} match: the keys look like another architecture (or another "
+            f"configuration of it{'; closest names: ' + pair if pair else ''}); check --arch and --arch-kwargs"
+        )
     return CheckpointError(f"{where} does not match {arch}: {'; '.join(parts)}; {hint}")
 
 
@@ -240,27 +300,29 @@ def rewrite_state_dict(
     consumed. Keys outside the model's prefix (e.g. AveragedModel's ``n_averaged``) are kept as they are.
     ``release`` (drop the memory-mapped input's resident pages) is called while baking. With
     ``calibration_data`` (``preserve=True``; the skeleton must then hold real tensors) the GroupNorm affines
-    are fitted on it and ``report.fidelity`` is filled (wsconvert.preserve.calibrate).
-    Raises CheckpointError naming the first missing, unexpected and size-mismatched keys.
+    are fitted on it and ``report.fidelity`` is filled (wsconvert.preserve.calibrate). The keys are mapped onto
+    the architecture's by ``reader.match_keys`` (the leading prefix, the model library's load-time renaming, inner
+    prefixes found by one consistent rule); renamed keys are written under the architecture's names, the leading
+    prefix is put back. Raises CheckpointError naming the first missing, unexpected, size-mismatched and ambiguous
+    keys, with a hint that says what the keys look like.
     """
     expected = skeleton.state_dict()
-    keys = list(state_dict)
-    prefix, matched = ckpt.match_prefix(keys, set(expected))
-    validate_state_dict(state_dict, where, expected, prefix, arch)
-    own = OrderedDict((k[len(prefix) :], v) for k, v in state_dict.items() if k.startswith(prefix))
-    kept = [k for k in keys if not k.startswith(prefix)]
-    sizes = [
-        (k, _shape(v), _shape(expected[k])) for k, v in own.items() if k in expected and v.shape != expected[k].shape
-    ]
-    if sizes or matched == 0:
-        missing = [k for k in expected if k not in own]
-        unexpected = [k for k in own if k not in expected]
-        raise _mismatch_error(where, arch, matched, missing, unexpected, sizes, list(expected))
+    shapes = {k: _shape_or_none(v) for k, v in state_dict.items()}
+    wanted = {k: _shape(v) for k, v in expected.items()}
+    keymap = ckpt.match_keys(shapes, wanted, ckpt.library_renaming(skeleton))
+    prefix = keymap.prefix
+    as_named = {key[len(prefix) :]: expected[target] for key, target in keymap.pairs.items()}
+    validate_state_dict(state_dict, where, as_named, prefix, arch)
+    if keymap.ambiguous or keymap.unsupported or keymap.sizes or keymap.unexpected or not keymap.pairs:
+        raise _mismatch_error(where, arch, keymap, shapes, wanted)
+    kept = keymap.kept
+    own = OrderedDict((keymap.pairs[k], v) for k, v in state_dict.items() if k in keymap.pairs)
+    # Missing keys are what load_state_dict says: modules may fill some themselves (BatchNorm's num_batches_tracked,
+    # absent from FrozenBatchNorm2d-trained checkpoints: torch/nn/modules/batchnorm.py _load_from_state_dict).
     result = skeleton.load_state_dict(own, strict=False, assign=True)
     if result.missing_keys or result.unexpected_keys:
-        raise _mismatch_error(
-            where, arch, matched, list(result.missing_keys), list(result.unexpected_keys), [], list(expected)
-        )
+        keymap.missing, keymap.unexpected = list(result.missing_keys), list(result.unexpected_keys)
+        raise _mismatch_error(where, arch, keymap, shapes, wanted)
     plan = make_plan(skeleton, **options, calibration_data=calibration_data)  # the one walk (and probe) of the model
     model = plan.apply(skeleton, inplace=True)
     report = plan.report if calibration_data is None else plan.build_report(plan.fidelity)
@@ -279,7 +341,7 @@ def rewrite_state_dict(
     out._metadata = _prefixed_metadata(  # type: ignore[attr-defined]
         getattr(state_dict, "_metadata", None), getattr(converted, "_metadata", None), prefix
     )
-    return out, report, EntryResult(None, prefix, len(converted), kept)
+    return out, report, EntryResult(None, prefix, len(converted), kept, keymap.renamed())
 
 
 def _bake(model: nn.Module, release: Callable[[], object] | None) -> nn.Module:
@@ -335,16 +397,22 @@ def convert_checkpoint(
 
     ``options`` are ``convert_model``'s keyword arguments. ``calibration`` is a file of inputs (torch.save,
     safetensors or .npy; needs ``options["preserve"]``) to fit the GroupNorm affines on (docs/preserve.md).
-    The default output is ``<stem>.ws<suffix>`` beside the input; the input is never modified and an
-    existing output is replaced only with ``force``. The input's layout (wsconvert.checkpoint.layouts) says which
-    state dicts to rewrite and what to write. Returns what was done; raises a WSConvertError subclass for every
-    expected failure, leaving no output file behind.
+    The default output is ``<stem>.ws<suffix>`` beside the input (a directory: ``<name>.ws``); the input is never
+    modified and an existing output is replaced only with ``force``. The input's layout
+    (wsconvert.checkpoint.layouts) says which state dicts to rewrite and what to write; a ``save_pretrained``
+    directory is written as a new directory (wsconvert.checkpoint.directory). Returns what was done; raises a
+    WSConvertError subclass for every expected failure, leaving no output file behind.
     """
     say = progress or (lambda message: None)
     options = _jsonable(dict(options or {}))
     source = Path(input)
     target = Path(output) if output is not None else ckpt.default_output_path(source)
-    ckpt.check_input(source)  # before anything else: a FIFO, device or symlink loop is never opened
+    directory = ckpt.not_a_regular_file(source) == "a directory"
+    if directory:
+        ckpt.check_input_directory(source)
+        _check_not_nested(source, target)
+    else:
+        ckpt.check_input(source)  # before anything else: a FIFO, device or symlink loop is never opened
     identity = ckpt.FileIdentity.of(source)  # if the input changes before the write ends, nothing is written
     if _same_file(source, target):
         raise CheckpointError(f"output {target} is the input file; wsconvert never modifies its input, pick another -o")
@@ -377,47 +445,168 @@ def convert_checkpoint(
     info |= layout.record_fields(architecture, entries, bake)
 
     releases = loaded.mmap and layout.release_input_pages
-    release = (lambda: ckpt.release_mapped_pages(source)) if releases else None
+    mapped = loaded.files or [source]
+
+    def release_all() -> None:
+        for path in mapped:
+            ckpt.release_mapped_pages(path)
+
+    release = release_all if releases else None
     results: list[EntryResult] = []
     rewritten: dict[str | None, OrderedDict] = {}
     report: ConversionReport | None = None
     for key, state_dict in entries.models.items():
-        out, entry_report, result = rewrite_state_dict(
-            state_dict,
-            architecture.build_skeleton() if batches is None else architecture.build(),
-            options,
-            bake=bake and layout.bake_entries,
-            where=f"{source}" if key is None else f"{source} entry {key!r}",
-            arch=architecture.describe(),
-            release=release,
-            calibration_data=batches,
-        )
+        with _released_while_running(release):
+            out, entry_report, result = rewrite_state_dict(
+                state_dict,
+                architecture.build_skeleton() if batches is None else architecture.build(),
+                options,
+                bake=bake and layout.bake_entries,
+                where=f"{source}" if key is None else f"{source} entry {key!r}",
+                arch=architecture.describe(),
+                release=release,
+                calibration_data=batches,
+            )
         result.key = key
         results.append(result)
         rewritten[key] = out
         report = report or entry_report
+    if release is not None:  # pages a probe's forward pass read stay resident otherwise, until the first write
+        release()
     notes = architecture.notes + notes + layout.notes(bake)
 
     conversion = CheckpointConversion(
         source, target, False, layout.label, layout.format, architecture.spec, architecture.kwargs, bake,
         report, results, entries.kept, entries.dropped, notes,
     )  # fmt: skip
-    conversion.would_refuse = _check_output(target, force, dry_run)
+    writes_directory = bool(getattr(layout, "writes_directory", False))
+    conversion.would_refuse = _check_output(target, force, dry_run, directory=writes_directory)
     if dry_run:
         return conversion
     say(f"writing {target}")
     outputs = layout.assemble(loaded, rewritten, info, calibration_data=batches)
-    _write(outputs, target, force=force, on_bytes=on_bytes, release=source if releases else None, source=identity)
+    if writes_directory:
+        files = layout.files(loaded, outputs, info)  # type: ignore[attr-defined]
+        _write_directory(outputs, files, target, force=force, on_bytes=on_bytes, release=release, loaded=loaded)
+    else:
+        _write(outputs, target, force=force, on_bytes=on_bytes, release=source if releases else None, source=identity)
     conversion.written = True
     return conversion
 
 
-def _check_output(target: Path, force: bool, dry_run: bool) -> str | None:
+@contextlib.contextmanager
+def _released_while_running(release: Callable[[], None] | None) -> Iterator[None]:
+    """While planning: drop the input's read pages after every RELEASE_EVERY_BYTES of weights a forward pass ran.
+
+    A probe (or calibration) that runs the model reads every weight of the memory-mapped input; those pages
+    would stay resident until the write starts, so peak memory would be the whole model. A global forward hook
+    (``torch.nn.modules.module.register_module_forward_hook``) counts the bytes of each module run and calls
+    ``release`` (reader.release_mapped_pages) when enough accumulated.
+    """
+    if release is None:
+        yield
+        return
+    pending = 0
+
+    def hook(module: nn.Module, args: object, output: object) -> None:
+        nonlocal pending
+        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+            pending += tensor.nbytes
+        if pending >= ckpt.RELEASE_EVERY_BYTES:
+            release()
+            pending = 0
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _check_not_nested(source: Path, target: Path) -> None:
+    """Refuse a directory output inside its input directory, or an input inside the output: the input is never
+    modified (also not by adding a directory to it) and ``--force`` never replaces what holds the input."""
+    inside, outside = os.path.realpath(target), os.path.realpath(source)
+    if inside == outside:
+        return  # the same path: _same_file's message
+    if os.path.commonpath([inside, outside]) == outside:
+        raise CheckpointError(
+            f"output {target} is inside the input directory {source}; wsconvert never modifies its input, "
+            "pick an -o outside it"
+        )
+    if os.path.commonpath([inside, outside]) == inside:
+        raise CheckpointError(f"output {target} holds the input directory {source}; pick another -o")
+
+
+def _write_directory(
+    outputs: list[Output],
+    files: list[tuple[str, bytes | Path]],
+    target: Path,
+    *,
+    force: bool,
+    on_bytes: Callable[[int, int], None] | None,
+    release: Callable[[], None] | None,
+    loaded: ckpt.Loaded,
+) -> None:
+    """Write a directory output: every safetensors ``Output`` and every file (bytes, or a path to copy) into one
+    temporary directory published atomically (reader.write_directory_atomic). The input's mapped pages are
+    released after each shard, so that memory holds about one shard, not the model; nothing is published when an
+    input file changed meanwhile."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    sources = [ckpt.FileIdentity.of(p) for p in [loaded.path / "config.json", *loaded.files]]
+    identities = [identity for identity in sources if identity is not None]
+    total = sum(_tensor_bytes(output.obj) for output in outputs)
+    done = 0
+    with ckpt.write_directory_atomic(
+        target, force=force, sources=identities, sigbus_source=ckpt.FileIdentity.of(loaded.path)
+    ) as tmp:
+        mode = _new_file_mode(tmp)
+        for output in outputs:
+            flat = {k: (v if v.is_contiguous() else v.contiguous()) for k, v in output.obj.items()}
+            try:
+                save_file(flat, str(tmp / output.name), metadata=output.metadata)
+            except Exception as error:  # safetensors' own: a full disk, tensors sharing memory, ...
+                failure = ckpt._write_failure(target / output.name, error, None)
+                if failure is error:
+                    failure = CheckpointError(f"cannot write safetensors file {target / output.name}: {error}")
+                raise failure from None
+            os.chmod(tmp / output.name, mode)  # safetensors creates its file private (0o600)
+            del flat
+            if release is not None:
+                release()
+            done += _tensor_bytes(output.obj)
+            if on_bytes is not None:
+                on_bytes(done, total)
+        for name, content in files:
+            if isinstance(content, Path):
+                shutil.copyfile(content, tmp / name)
+            else:
+                (tmp / name).write_bytes(content)
+
+
+def _new_file_mode(directory: Path) -> int:
+    """The mode a new file in ``directory`` gets (0o666 less the umask), read from a file created there."""
+    probe = directory / ".mode"
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        return os.stat(probe).st_mode & 0o777
+    finally:
+        os.unlink(probe)
+
+
+def _check_output(target: Path, force: bool, dry_run: bool, *, directory: bool = False) -> str | None:
     """Refuse an output the write would refuse (exists without ``force``, a directory, ...), once the input and
     the architecture have been validated: a wrong ``--arch`` is reported first, not hidden behind "pass --force".
-    A dry run returns the refusal instead (it is reported, the exit code stays 0)."""
+    A dry run returns the refusal instead (it is reported, the exit code stays 0). ``directory``: the output is a
+    directory (reader.check_output_directory)."""
     try:
-        ckpt.check_output_target(target, force=force)
+        if directory:
+            ckpt.check_output_directory(target, force=force)
+        else:
+            ckpt.check_output_target(target, force=force)
     except CheckpointError as error:
         if dry_run:
             return str(error)

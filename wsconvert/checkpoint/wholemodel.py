@@ -13,7 +13,9 @@ torch cannot pickle a module that carries parametrizations (torch/nn/utils/param
 model ``wsconvert INPUT --trust-pickle`` writes a dict holding the original pickled module, the options and
 the converted state dict; ``load`` converts the module with the recorded options and loads the state dict
 strictly. That file, and a ``--bake`` output of a whole model (a plain pickled module, returned as it is),
-are unpickled, which runs code from the file.
+are unpickled, which runs code from the file. So is a training checkpoint of whole modules (ultralytics' ``last.pt``
+/ ``best.pt``): its converted modules pickle themselves (wsconvert.integrations.ultralytics) and ``load`` returns
+the main one, as it is.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ..convert import convert_model
 from ..errors import ArchitectureError, CheckpointError, InvalidOptionError
 from . import reader as ckpt
 from .arch import resolve_arch
+from .layouts import MODULES_FORMAT
 from .rewrite import WHOLE_MODEL_FORMAT
 
 __all__ = ["load", "MAIN_ENTRIES"]
@@ -82,6 +85,22 @@ def _pick_entry(obj: Mapping[str, Any], entry: str | None, path: Any) -> str:
     return others[0]
 
 
+def _pick_module(obj: Mapping[str, Any], entry: str | None, path: Any) -> nn.Module:
+    """The module of a whole-modules checkpoint: ``entry``, else the first of ``MAIN_ENTRIES`` holding a module,
+    else the first module entry (ultralytics keeps its trained model under ``ema`` until strip_optimizer)."""
+    modules = [key for key, value in obj.items() if isinstance(value, nn.Module)]
+    if entry is not None:
+        if entry not in modules:
+            raise CheckpointError(
+                f"{path} has no module entry {entry!r}; its module entries are "
+                f"{', '.join(map(repr, modules)) or 'none'}"
+            )
+        return obj[entry]
+    if not modules:
+        raise CheckpointError(f"{path} is a damaged wsconvert whole-modules checkpoint (no module entry)")
+    return obj[next((key for key in MAIN_ENTRIES if key in modules), modules[0])]
+
+
 def load(path: str | os.PathLike, *, map_location: Any = "cpu", entry: str | None = None) -> nn.Module:
     """Load any model file written by the ``wsconvert`` command as the converted, ready-to-train model.
 
@@ -90,13 +109,23 @@ def load(path: str | os.PathLike, *, map_location: Any = "cpu", entry: str | Non
     A training checkpoint gives its main model entry, the first of ``MAIN_ENTRIES`` (``state_dict``, ``model``,
     ...: never the EMA copy) present; ``entry="state_dict_ema"`` picks another rewritten entry. Whole-model
     outputs (``--trust-pickle``) are unpickled, which runs code from the file: only load files you trust; a
-    ``--bake`` output of a whole model is returned as the plain module it is. ``map_location`` is the device
-    the model is moved to (None: leave it on the CPU where it was read).
+    ``--bake`` output of a whole model is returned as the plain module it is. A training checkpoint of whole
+    modules (ultralytics) gives ``entry``, else its ``model`` entry when it holds a module, else its ``ema``.
+    ``map_location`` is the device the model is moved to (None: leave it on the CPU where it was read).
 
     Raises CheckpointError when the file has no wsconvert record (use ``convert_model`` +
     ``load_state_dict``), for a baked state dict (load it into the plain architecture), and
     ArchitectureError when the recorded architecture cannot be built.
+
+    A directory written by ``wsconvert DIR`` (a transformers ``save_pretrained`` directory, converted) is loaded
+    by ``wsconvert.checkpoint.directory.load_pretrained``: the converted model, in eval mode.
     """
+    if ckpt.not_a_regular_file(path) == "a directory":
+        if entry is not None:
+            raise InvalidOptionError(f"entry={entry!r}: {path} is a directory, not a training checkpoint")
+        from .directory import load_pretrained
+
+        return load_pretrained(path, map_location=map_location)
     loaded = ckpt.load_checkpoint(path, trust_pickle=True)
     record = _record(loaded)
     if loaded.kind == "module":
@@ -107,6 +136,8 @@ def load(path: str | os.PathLike, *, map_location: Any = "cpu", entry: str | Non
             "build the model, convert it with convert_model(model, **options) and call load_state_dict on it"
         )
     obj = loaded.obj
+    if record.get("format") == MODULES_FORMAT:
+        return _moved(_pick_module(obj, entry, path), map_location)
     if record.get("format") == WHOLE_MODEL_FORMAT:
         if not isinstance(obj.get("module"), nn.Module) or not isinstance(obj.get("state_dict"), Mapping):
             raise CheckpointError(f"{path} is a damaged wsconvert whole-model file (no 'module' or 'state_dict')")

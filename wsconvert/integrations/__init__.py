@@ -1,4 +1,8 @@
-"""Glue for training engines: the convert-first rule (wrappers) and Opacus per-sample gradients (opacus)."""
+"""Glue for training engines: the convert-first rule (wrappers) and Opacus per-sample gradients (opacus).
+
+``wsconvert.integrations.ultralytics`` (YOLO models that predict, val, export, save and train converted) is
+imported on its own: it calls ``convert`` and ``bake``, so this package does not import it.
+"""
 
 from __future__ import annotations
 

@@ -30,14 +30,19 @@ Two methods, tried in order:
 2. ``"hooks"``: runs the model once on ``example_inputs`` (eval mode, no grad, training flags restored),
    tags each conv's output tensor with a forward hook, carries the tags through the ops above with a
    ``TorchFunctionMode``, and records what consumes them; norm modules are recognized by a forward
-   pre-hook. Needs an input, works with any Python control flow.
+   pre-hook. Needs an input, works with any Python control flow. Without one (``synthetic=True``, what
+   ``plan_conversion`` / ``convert_model`` use), the input is built from the model itself
+   (:func:`synthetic_input`: channels and spatial size from a Hugging Face ``config`` or timm
+   ``pretrained_cfg``, else the first conv's ``in_channels`` and 224), and the result says it was synthetic.
 
-When neither works the result is ``"unavailable"`` with the reasons; nothing is raised.
+When neither works the result is ``"unavailable"`` with the reasons; nothing is raised. Training flags and
+buffer values (BatchNorm statistics) are restored after every forward pass and trace.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -45,11 +50,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx, nn
+from torch.nn.modules.conv import _ConvNd
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import InvalidOptionError, ProbeUnavailableWarning
-from ..report import INPUT_FIX
+from ..report import INPUT_FIX, SYNTHETIC_DETECTION
 from ..rules import kinds
 from ..rules.kinds import OPTIONAL_NORMS as _OPTIONAL_NORMS  # noqa: F401  # moved to wsconvert.rules.kinds
 from ..rules.kinds import is_conv
@@ -70,10 +76,12 @@ __all__ = [
     "resolve_example_inputs",
     "run_forward",
     "start_probe",
+    "synthetic_input",
+    "warn_if_probe_unavailable",
 ]
 
 # What to do when a check needs a forward pass and has none (or the trace failed): said by warnings and hints.
-SKIPPED_NOTHING = "skip_unnormalized=True skipped nothing"  # starts that warning; the CLI says it once
+SKIPPED_NOTHING = "skip_unnormalized=True skipped nothing"  # said by the report note and probe_unavailable hint
 
 NORM_FUNCTIONS = frozenset(
     {
@@ -170,6 +178,8 @@ class ProbeResult:
     ``"Conv2d"``, ``"add"``, ``"model output"``). ``unreached`` lists convs the probe never saw run (an
     unused branch, or a branch this input or mode does not take): they are neither flagged nor cleared.
     ``method`` is ``"fx"``, ``"hooks"`` or ``"unavailable"``; ``detail`` says why a method failed.
+    ``synthetic`` describes the input the hook method ran on when the caller gave none (``synthetic_input``),
+    "" otherwise.
     """
 
     method: str
@@ -177,6 +187,7 @@ class ProbeResult:
     unnormalized: dict[str, str] = field(default_factory=dict)
     normalized: tuple[str, ...] = ()
     unreached: tuple[str, ...] = ()
+    synthetic: str = ""
     # id(conv module) -> its path above, so findings join to planned steps by module identity (feeds_of).
     conv_paths: dict[int, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -196,6 +207,8 @@ class ProbeResult:
         if not self.available:
             return f"unavailable: {self.detail}"
         text = {"fx": "torch.fx trace", "hooks": "forward hooks on the example input"}[self.method]
+        if self.method == "hooks" and self.synthetic:
+            text = f"{SYNTHETIC_DETECTION} {self.synthetic}"
         return f"{text} ({self.detail})" if self.detail else text
 
 
@@ -217,7 +230,7 @@ class _Findings:
             if consumer not in names:
                 names.append(consumer)
 
-    def result(self, method: str, detail: str = "") -> ProbeResult:
+    def result(self, method: str, detail: str = "", synthetic: str = "") -> ProbeResult:
         unnormalized: dict[str, str] = {}
         normalized: list[str] = []
         unreached: list[str] = []
@@ -230,7 +243,9 @@ class _Findings:
                 normalized.append(path)
             else:
                 unnormalized[path] = "nothing (output unused)"
-        return ProbeResult(method, detail, unnormalized, tuple(normalized), tuple(unreached), dict(self.convs))
+        return ProbeResult(
+            method, detail, unnormalized, tuple(normalized), tuple(unreached), synthetic, dict(self.convs)
+        )
 
 
 def _error_text(error: BaseException) -> str:
@@ -285,10 +300,12 @@ def _scale_preserving_call(name: str, args: tuple, kwargs: dict) -> bool:
 
 def _fx_probe(model: nn.Module, findings: _Findings, norms: tuple[type, ...]) -> None:
     snapshot = _snapshot(model)
+    buffers = _BufferValues(model)  # tracing runs the forward's Python on real buffers (``self.count += 1``)
     try:
         graph = _LeafTracer(norms, findings.convs).trace(model)
     finally:
         _restore(snapshot)
+        buffers.restore()
 
     def classify(node: fx.Node) -> tuple[str, str]:
         if node.op == "output":
@@ -405,12 +422,22 @@ class _FlowMode(TorchFunctionMode):
 
 class HookProbe:
     """The hook method as an observer of one forward pass (``run_forward``): tags each conv's output, follows the
-    tags with a ``TorchFunctionMode`` and records what consumes them. ``fx_failure`` says why fx was not used."""
+    tags with a ``TorchFunctionMode`` and records what consumes them. ``fx_failure`` says why fx was not used.
+    ``inputs`` is what that forward pass runs on: the caller's example input, or one built by ``synthetic_input``
+    (``synthetic`` then describes it)."""
 
     def __init__(
-        self, model: nn.Module, norms: tuple[type, ...], fx_failure: str, method: str, rules: Sequence[Rule] | None
+        self,
+        model: nn.Module,
+        norms: tuple[type, ...],
+        fx_failure: str,
+        method: str,
+        rules: Sequence[Rule] | None,
+        inputs: Any = None,
+        synthetic: str = "",
     ) -> None:
         self.model, self.norms, self.fx_failure, self.method = model, norms, fx_failure, method
+        self.inputs, self.synthetic = inputs, synthetic
         self.findings = _Findings(model, rules)  # fresh: a failed fx attempt may have filled the first one
         self.flow = _Flow(self.findings)
         self.handles: list = []
@@ -464,33 +491,72 @@ class HookProbe:
 
     def result(self, failure: str) -> ProbeResult:
         """The finding after the forward pass; ``failure`` is ``run_forward``'s error text ('' when it ran)."""
+        if failure and self.synthetic:
+            detail = (
+                f"{self.fx_failure}; the forward pass on a synthetic input {self.synthetic} failed ({failure}); pass "
+                "example_inputs or input_shape (CLI: --input-shape) to probe with a forward pass"
+            )
+            return ProbeResult("unavailable", detail)
         if failure:
             detail = f"{self.fx_failure}; the forward pass on example_inputs failed ({failure})"
             return ProbeResult("unavailable", detail)
-        return self.findings.result("hooks", self.fx_failure if self.method == "auto" else "")
+        return self.findings.result("hooks", self.fx_failure if self.method == "auto" else "", self.synthetic)
+
+
+class _BufferValues:
+    """Every buffer of a model and a copy of its value, to put back what a forward pass changed (a BatchNorm that
+    updates its statistics, a module that caches a tensor as a buffer)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.saved = [
+            (module, name, tensor, tensor._version, None if tensor.is_meta else tensor.detach().clone())
+            for module in model.modules()
+            for name, tensor in module._buffers.items()
+            if tensor is not None
+        ]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for module, name, tensor, version, value in self.saved:
+                if module._buffers.get(name) is not tensor:
+                    module._buffers[name] = tensor
+                if value is not None and tensor._version != version:
+                    tensor.copy_(value)
 
 
 def run_forward(model: nn.Module, example_inputs: Any, observers: list) -> str:
-    """Run ``model`` once on ``example_inputs`` (eval mode, no grad, every training flag restored) with all
-    ``observers`` attached: context managers whose ``__enter__`` installs hooks and returns a callable given the
-    model's output (or None). One pass serves every check that needs a forward (wsconvert.plan). Returns '' or
-    the error text when the forward pass (or an observer) failed; never raises for the user's forward."""
+    """Run ``model`` once on ``example_inputs`` (eval mode, no grad) with all ``observers`` attached: context
+    managers whose ``__enter__`` installs hooks and returns a callable given the model's output (or None). One
+    pass serves every check that needs a forward (wsconvert.plan). Every training flag and every buffer's value
+    (BatchNorm statistics) are restored. Attributes the forward sets are kept: transformers installs its
+    output-capturing hooks on the first forward and records that in an attribute; removing the attribute would
+    install them twice on the next forward, which changes what the model computes.
+    The forward gets new containers around the same tensors: a model that writes into its input list
+    (pytorchvideo SlowFast's pathway fusion) leaves the user's example input as it was.
+    Returns '' or the error text when the forward pass (or an observer) failed; never raises for the user's
+    forward."""
     modes = [(m, m.training) for m in model.modules()]
+    buffers = _BufferValues(model)
     try:
         with contextlib.ExitStack() as stack:
             on_output = [stack.enter_context(observer) for observer in observers]
             model.eval()
             with torch.no_grad():
-                output = model(*_as_args(example_inputs))
+                output = model(*_as_args(tree_map(_same, example_inputs)))  # fresh lists/dicts, same tensors
             for saw in on_output:
                 if saw is not None:
                     saw(output)
     except Exception as error:  # the user's forward on the user's input
         return _error_text(error)
     finally:
+        buffers.restore()
         for module, training in modes:
             module.training = training
     return ""
+
+
+def _same(leaf: Any) -> Any:
+    return leaf
 
 
 def _as_args(example_inputs: Any) -> tuple:
@@ -502,32 +568,45 @@ METHODS = ("auto", "fx", "hooks")
 
 
 def probe_unnormalized(
-    model: nn.Module, example_inputs: Any = None, *, method: str = "auto", rules: Sequence[Rule] | None = None
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    method: str = "auto",
+    rules: Sequence[Rule] | None = None,
+    synthetic: bool = False,
 ) -> ProbeResult:
     """Classify every conv of ``model`` as normalized, unnormalized or unreached (see the module docstring).
 
     ``method="auto"`` tries torch.fx first and, when tracing fails and ``example_inputs`` is given, runs the
-    model once on it; ``"fx"`` or ``"hooks"`` use only that method. ``example_inputs`` is a tuple of
+    model once on it; ``"fx"`` or ``"hooks"`` use only that method. With ``synthetic=True`` and no
+    ``example_inputs``, the hook method (``"auto"`` after a failed trace, or ``"hooks"``) runs on an input built
+    by :func:`synthetic_input`, and the result's ``synthetic`` says so. ``example_inputs`` is a tuple of
     positional arguments, or a single argument such as a Tensor or a list of images for a torchvision
     detection model. Never raises for a model it cannot analyse: the result's ``method`` is then
     ``"unavailable"`` and ``detail`` says why. ``rules`` are a call's own rules (``wsconvert.rules.resolve``):
     a module the first matching rule gives kind "norm" counts as a norm layer.
     """
-    result, pending = start_probe(model, example_inputs, method=method, rules=rules)
+    result, pending = start_probe(model, example_inputs, method=method, rules=rules, synthetic=synthetic)
     if pending is None:
         return result
-    return pending.result(run_forward(model, example_inputs, [pending]))
+    return pending.result(run_forward(model, pending.inputs, [pending]))
 
 
 def start_probe(
-    model: nn.Module, example_inputs: Any = None, *, method: str = "auto", rules: Sequence[Rule] | None = None
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    method: str = "auto",
+    rules: Sequence[Rule] | None = None,
+    synthetic: bool = False,
 ) -> tuple[ProbeResult | None, HookProbe | None]:
     """``probe_unnormalized`` up to its forward pass: ``(result, None)`` when done (the fx trace, at most one,
     worked, or nothing can be done), else ``(None, observer)``: a ``HookProbe`` to attach to ``run_forward``
-    (with any other observer of that pass), whose ``result(...)`` is the finding."""
+    (with any other observer of that pass), whose ``result(...)`` is the finding and whose ``inputs`` are what
+    that pass runs on (``example_inputs``, or with ``synthetic=True`` and none given, a ``synthetic_input``)."""
     if method not in METHODS:
         raise InvalidOptionError(f"method={method!r} is not a probe method; use one of {list(METHODS)}")
-    if method == "hooks" and example_inputs is None:
+    if method == "hooks" and example_inputs is None and not synthetic:
         raise InvalidOptionError("method='hooks' runs the model: pass example_inputs (e.g. a sample batch)")
     norms = kinds.norm_types_in(model, rules)
     findings = _Findings(model, rules)
@@ -542,12 +621,85 @@ def start_probe(
             fx_failure = f"torch.fx cannot trace the model ({_error_text(error)})"
     if method == "fx":
         return ProbeResult("unavailable", fx_failure), None
-    if example_inputs is None:
-        return ProbeResult(
-            "unavailable",
-            f"{fx_failure}; pass example_inputs or input_shape (CLI: --input-shape) to probe with a forward pass",
-        ), None
-    return None, HookProbe(model, norms, fx_failure, method, rules)
+    if example_inputs is not None:
+        return None, HookProbe(model, norms, fx_failure, method, rules, example_inputs)
+    fix = "pass example_inputs or input_shape (CLI: --input-shape) to probe with a forward pass"
+    if not synthetic:
+        return ProbeResult("unavailable", f"{fx_failure}; {fix}"), None
+    inputs, how = synthetic_input(model)
+    if inputs is None:
+        return ProbeResult("unavailable", f"{fx_failure}; no synthetic input could be built ({how}); {fix}"), None
+    return None, HookProbe(model, norms, fx_failure, method, rules, inputs, how)
+
+
+# --- a synthetic input, when the caller gave none ------------------------------------------------
+
+SYNTHETIC_SIZE = 224  # per spatial dimension of a 1-d or 2-d conv model (the common ImageNet input size)
+SYNTHETIC_SIZE_3D = (16, 112, 112)  # frames, height, width: the common video clip (e.g. torchvision r3d_18)
+
+
+def _positive_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
+
+
+def _config_size(value: object, dims: int) -> tuple[int, ...] | None:
+    """A spatial size from a config entry: an int (square), a sequence of ``dims`` ints, or {"height", "width"}."""
+    if isinstance(value, dict):
+        value = (value.get("height"), value.get("width"))
+    if _positive_int(value):
+        return (value,) * dims
+    if isinstance(value, (list, tuple)) and len(value) == dims and all(_positive_int(v) for v in value):
+        return tuple(value)
+    return None
+
+
+def synthetic_input(model: nn.Module) -> tuple[torch.Tensor | None, str]:
+    """An input built from ``model`` itself for the hook probe, and how it was built; ``(None, why)`` when none can.
+
+    Shape ``(1, channels, *size)``: channels from the model's Hugging Face ``config.num_channels`` or timm
+    ``pretrained_cfg["input_size"]``, else from the first convolution's ``in_channels`` (in definition order);
+    the spatial size from ``config.image_size`` or timm's ``input_size``, else 224 per dimension for a 1-d/2-d
+    conv (16x112x112 for a 3-d conv). Normal random values from a fixed seed (the global RNG is not used), on
+    the model's device and floating dtype (``torch.empty`` on the meta device).
+    """
+    first = next((m for m in model.modules() if isinstance(m, _ConvNd) and _positive_int(m.in_channels)), None)
+    if first is None:
+        return None, "the model has no torch convolution to take the input channels from"
+    dims = len(first.kernel_size)
+    config = getattr(model, "config", None)
+    timm_cfg = getattr(model, "pretrained_cfg", None)
+    timm_size = timm_cfg.get("input_size") if isinstance(timm_cfg, dict) else None
+    timm_size = timm_size if isinstance(timm_size, (list, tuple)) and len(timm_size) == dims + 1 else None
+    channels, size, sources = None, None, []
+    if _positive_int(getattr(config, "num_channels", None)):
+        channels = config.num_channels
+        sources.append("channels from config.num_channels")
+    elif timm_size is not None and _positive_int(timm_size[0]):
+        channels = timm_size[0]
+        sources.append("channels from pretrained_cfg['input_size']")
+    else:
+        channels = first.in_channels
+        path = next(p for p, m in model.named_modules() if m is first)
+        sources.append(f"channels from the first conv ({path or '<model>'}.in_channels)")
+    size = _config_size(getattr(config, "image_size", None), dims)
+    if size is not None:
+        sources.append("size from config.image_size")
+    elif timm_size is not None and _config_size(tuple(timm_size[1:]), dims) is not None:
+        size = tuple(timm_size[1:])
+        sources.append("size from pretrained_cfg['input_size']")
+    else:
+        size = SYNTHETIC_SIZE_3D if dims == 3 else (SYNTHETIC_SIZE,) * dims
+        sources.append("default size")
+    shape = (1, channels, *size)
+    reference = next((t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
+    device = reference.device if reference is not None else torch.device("cpu")
+    dtype = reference.dtype if reference is not None else torch.get_default_dtype()
+    if device.type == "meta":
+        tensor = torch.empty(shape, device=device, dtype=dtype)
+    else:
+        generator = torch.Generator().manual_seed(0)
+        tensor = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+    return tensor, f"of shape {tuple(shape)} ({', '.join(sources)})"
 
 
 # --- glue used by convert.py -------------------------------------------------------------------
@@ -581,20 +733,13 @@ def skip_unnormalized_steps(steps: list, probe: ProbeResult | None, options: Any
     """With ``options.skip_unnormalized``, turn each unnormalized conv's planned standardization into a skip.
 
     ``steps`` are ``wsconvert.walk.Step``s of the probed model; a step is matched to the probe by module
-    identity (``ProbeResult.feeds_of``). When detection is unavailable nothing is skipped and a warning says so
-    (the report notes it too).
+    identity (``ProbeResult.feeds_of``). When detection is unavailable nothing is skipped: the report notes it,
+    and ``warn_if_probe_unavailable`` warns.
     """
     from ..rules.builtin import Decision
     from ..walk import Step
 
-    if probe is None or not options.skip_unnormalized:
-        return steps
-    if not probe.available:
-        warnings.warn(
-            f"{SKIPPED_NOTHING}: unnormalized-conv detection is {probe.describe()}; {INPUT_FIX}",
-            ProbeUnavailableWarning,
-            stacklevel=3,
-        )
+    if probe is None or not options.skip_unnormalized or not probe.available:
         return steps
     marked = []
     for step in steps:
@@ -604,6 +749,24 @@ def skip_unnormalized_steps(steps: list, probe: ProbeResult | None, options: Any
             step = Step(step.site, step.rule, Decision("skip", reason=reason))
         marked.append(step)
     return marked
+
+
+def _outside_package_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the first caller outside wsconvert (the user's call)."""
+    package = __name__.rpartition(".probes.")[0]
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == package:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_if_probe_unavailable(report: Any) -> None:
+    """Warn (``ProbeUnavailableWarning``) with the report's ``probe_unavailable`` hint when the unnormalized-conv
+    probe ran and could not classify the convs: why, and how to give it an input. The CLI prints the same text as
+    its ``Warning:`` line (it recognizes the warning by its message being that hint's)."""
+    for hint in report.hints:
+        if hint.kind == "probe_unavailable":
+            warnings.warn(hint.message, ProbeUnavailableWarning, stacklevel=_outside_package_stacklevel())
 
 
 def probe_report_fields(steps: list, probe: ProbeResult, options: Any) -> tuple[list, str, list[str]]:

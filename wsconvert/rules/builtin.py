@@ -11,15 +11,18 @@ and matched against a module's MRO: wsconvert never imports those packages.
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.utils import parametrize
 
 from ..norms import bcn
 from ..options import ConversionOptions
-from .base import Decision, Rule, choose_groups, type_name
+from .base import Decision, Rule, choose_groups, dotted_name, matches_types, type_name
 from .conv import skip
 from .helpers import already_standardized, keep, replace_norm, standardize
 from .norm import group_norm, inherits_batchnorm_forward
@@ -62,7 +65,7 @@ def _is_named_weight_standardized_conv(module: nn.Module) -> bool:
     )
 
 
-def _is_frozen_batchnorm_like(module: nn.Module) -> bool:
+def is_frozen_batchnorm_like(module: nn.Module) -> bool:
     """A DETR-family frozen BatchNorm (transformers ``DetrFrozenBatchNorm2d``, ``ConditionalDetrFrozenBatchNorm2d``,
     ...): named ``*FrozenBatchNorm2d``, the four BatchNorm buffers, no ``num_features``, not a torch BatchNorm."""
     return (
@@ -70,6 +73,44 @@ def _is_frozen_batchnorm_like(module: nn.Module) -> bool:
         and not isinstance(module, _BatchNorm)
         and not hasattr(module, "num_features")
         and all(isinstance(module._buffers.get(name), torch.Tensor) for name in _FROZEN_BUFFERS)
+    )
+
+
+# Norm layers wsconvert keeps on purpose (they normalize each sample already): not "unrecognized" below.
+_KEPT_NORMS: tuple[type, ...] = (nn.GroupNorm, nn.LayerNorm, _InstanceNorm, nn.LocalResponseNorm) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+)
+_NORM_LIKE_NAME = re.compile(r"(BatchNorm|Norm[123]d)$")
+
+
+def _has_tensor(module: nn.Module, name: str) -> bool:
+    return isinstance(module._parameters.get(name), torch.Tensor) or isinstance(module._buffers.get(name), torch.Tensor)
+
+
+def _norm_like_evidence(module: nn.Module) -> str:
+    """Why ``module`` looks like a normalization layer ("" when it does not): the BatchNorm statistics buffers
+    ``running_mean`` and ``running_var``, or a class name ending in BatchNorm / Norm1d/2d/3d with a ``weight`` and
+    ``bias``. Norm layers kept on purpose (GroupNorm, LayerNorm, InstanceNorm, RMSNorm and their subclasses) and
+    types declared with ``wsconvert.rules.declare_norm`` do not count."""
+    from .kinds import declared  # kinds imports the registry, which imports this table
+
+    if isinstance(module, _KEPT_NORMS) or matches_types(module, declared("norm")):
+        return ""
+    if all(isinstance(module._buffers.get(name), torch.Tensor) for name in ("running_mean", "running_var")):
+        return "buffers running_mean and running_var"
+    if _NORM_LIKE_NAME.search(type_name(module)) and _has_tensor(module, "weight") and _has_tensor(module, "bias"):
+        return f"class name {type_name(module)!r} with a weight and a bias"
+    return ""
+
+
+def _decide_unrecognized_norm(module: nn.Module, path: str, options: ConversionOptions) -> Decision:
+    cls = parametrize.type_before_parametrizations(module)
+    return skip(
+        f"looks like a normalization layer ({_norm_like_evidence(module)}) but no wsconvert rule matches "
+        f"{cls.__name__}, so it is kept as it is and the unnormalized-conv probe does not count it as a norm "
+        f"layer; if it is BatchNorm-like, register a rule for it: wsconvert.rules.register(wsconvert.rules"
+        f".replace_norm({dotted_name(cls)!r})); if it is a norm layer to keep, wsconvert.rules.declare_norm it "
+        "(docs/api.md, Extending wsconvert)"
     )
 
 
@@ -125,8 +166,15 @@ RULES: list[Rule] = [
         kind="norm",
     ),
     replace_norm(TORCHVISION_FROZEN_BATCHNORM, bcn=True, name="frozen batchnorm"),
-    replace_norm(match=_is_frozen_batchnorm_like, eps=_DETR_FROZEN_EPS, name="DETR-style frozen batchnorm"),
+    replace_norm(match=is_frozen_batchnorm_like, eps=_DETR_FROZEN_EPS, name="DETR-style frozen batchnorm"),
     keep(*TIMM_COND_CONV, reason=_COND_CONV_REASON, name="timm CondConv2d"),
+    # Last: never drop a norm-like module silently (issue 13, point 2); a user's rule is consulted before this one.
+    Rule(
+        "unrecognized norm-like layer",
+        matches=lambda m: bool(_norm_like_evidence(m)),
+        decide=_decide_unrecognized_norm,
+        apply=lambda m, d, o: m,
+    ),
 ]
 
 

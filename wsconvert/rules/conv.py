@@ -17,7 +17,16 @@ from ..ws.detect import standardization
 from ..ws.standardize import WeightStandardization
 from .base import Decision, type_name
 
-__all__ = ["decide_conv", "require_initialized", "skip", "standardize_conv"]
+__all__ = ["FROZEN_REASON", "decide_conv", "require_initialized", "skip", "standardize_conv"]
+
+# A weight that does not train cannot adapt to WS: a fixed operator (ultralytics' DFL conv, a constant
+# arange(16) kernel with requires_grad=False: ultralytics/nn/modules/block.py) would compute something else, and a
+# frozen pretrained layer would stay broken. Issue 13, point 4.
+FROZEN_REASON = (
+    "frozen weight (requires_grad=False): it cannot adapt to WS in training, and a fixed kernel (e.g. ultralytics' "
+    "DFL arange conv) would compute something else; pass standardize_frozen=True (--standardize-frozen) to "
+    "standardize it anyway (needed when a whole model was frozen, e.g. saved for inference)"
+)
 
 
 def skip(reason: str) -> Decision:
@@ -35,7 +44,10 @@ def require_initialized(module: nn.Module, path: str) -> None:
 
 
 def decide_conv(conv: nn.Module, path: str, options: ConversionOptions) -> Decision:
-    """Standardize ``conv`` in place, or skip it with the reason WS would be wrong or impossible."""
+    """Standardize ``conv`` in place, or skip it with the reason WS would be wrong or impossible.
+
+    A frozen weight (``requires_grad=False``) is skipped unless ``options.standardize_frozen``.
+    """
     require_initialized(conv, path)
     if standardization(conv) is not None:
         return skip("already weight-standardized (wsconvert)")
@@ -51,6 +63,8 @@ def decide_conv(conv: nn.Module, path: str, options: ConversionOptions) -> Decis
             "weight is not a parameter of this module (it is computed by a hook, e.g. the deprecated "
             "torch.nn.utils.weight_norm/spectral_norm); remove that hook first"
         )
+    if not weight.requires_grad and not options.standardize_frozen:
+        return skip(FROZEN_REASON)
     if weight.numel() // conv.out_channels == 1:
         return skip("fan-in 1: standardizing a one-element filter would turn it to zeros")
     if options.skip_depthwise and conv.groups == conv.in_channels > 1:

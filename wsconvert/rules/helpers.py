@@ -111,7 +111,8 @@ def standardize(
 
     The module must look like a conv: ``weight`` a Parameter of shape (out, in/groups, *kernel) (a transposed
     conv says so with ``transposed = True``) and ``in_channels`` / ``out_channels`` / ``groups`` attributes;
-    one that does not is skipped with a reason. Its forward must read ``self.weight``.
+    one that does not is skipped with a reason. Its forward must read ``self.weight``. A frozen weight
+    (``requires_grad=False``) is skipped with the reason unless ``standardize_frozen=True``, as in the built-in rule.
     """
 
     def decide(module: nn.Module, path: str, options: ConversionOptions) -> Decision:
