@@ -317,6 +317,33 @@ def test_skip_unnormalized_with_example_inputs_on_untraceable_model() -> None:
     assert report.unnormalized_detection.startswith("forward hooks on the example input")
 
 
+class WritesIntoItsInputList(nn.Module):
+    """pytorchvideo SlowFast's pathway fusion: the forward replaces the entries of the list it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+
+    def forward(self, paths: list[torch.Tensor]) -> torch.Tensor:
+        if paths[0].shape[1] != 3:
+            raise RuntimeError(f"expected 3 channels, got {paths[0].shape[1]}")
+        paths[0] = self.bn(self.conv(paths[0]))
+        return paths[0]
+
+
+def test_probe_forward_leaves_the_example_input_containers_as_they_were() -> None:
+    """A model that writes into its input list must not change the user's example_inputs (a second conversion
+    with the same input would otherwise probe on feature maps and fail)."""
+    x = torch.randn(2, 3, 8, 8)
+    paths = [x]
+    for _ in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a failed probe forward would warn
+            report = plan_conversion(WritesIntoItsInputList(), gn=4, example_inputs=(paths,))
+        assert paths[0] is x
+        assert report.unnormalized_detection.startswith(("torch.fx", "forward hooks on the example input"))
+
+
 def test_converted_model_probes_the_same() -> None:
     """The GroupNorm produced by conversion counts as a norm; WS-parametrized convs are still convs."""
     model = SEBlock()

@@ -142,7 +142,10 @@ class _Progress:
 )
 @declared_options("gn", "norm", "bcn_estimate")
 @click.option(
-    "--arch", metavar="SPEC", help="Model of a state dict: torchvision:NAME, timm:NAME or package.module:callable."
+    "--arch",
+    metavar="SPEC",
+    help="Model of a state dict: torchvision:NAME, timm:NAME, effdet:NAME, transformers:ClassName or "
+    "package.module:callable (optional when the checkpoint or config.json names it).",
 )
 @click.option(
     "--arch-kwargs",
