@@ -10,10 +10,11 @@ several seeds. Each trained model is converted at gn = None, 32 and 8 three ways
 
 and measured before any fine-tuning on the test split: top-1 agreement with the original model and accuracy.
 Then every start at gn = 32 and 8 (and the original BatchNorm model, as a reference) is fine-tuned at batch size 2
-for a fixed number of SGD steps, with the test accuracy recorded along the way.
+for a fixed number of SGD steps, with the test accuracy recorded along the way, at --lr; the gn = 32 starts also
+at the lower --low-lr.
 
 Writes docs/data/preserve_eval.json and docs/img/preserve_eval.png. Runs on one CPU thread:
-    .venv/bin/python scripts/preserve_eval.py [--seeds 3] [--epochs 10] [--steps 300]
+    .venv/bin/python scripts/preserve_eval.py [--seeds 3] [--epochs 5] [--steps 200] [--models DIR]
 """
 
 from __future__ import annotations
@@ -87,9 +88,9 @@ def convert(net: nn.Module, gn: int | None, method: str, calib: torch.Tensor) ->
     return wsconvert.convert_model(net, gn=gn, preserve=True, calibration_data=calib)
 
 
-def finetune(model: nn.Module, x, y, xt, yt, steps: int, every: int, seed: int) -> list[list[float]]:
+def finetune(model: nn.Module, x, y, xt, yt, steps: int, every: int, seed: int, lr: float) -> list[list[float]]:
     model = copy.deepcopy(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.003, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     generator = torch.Generator().manual_seed(1000 + seed)
     order = torch.randperm(len(x), generator=generator)
     curve = [[0, float((predict(model, xt) == yt).float().mean())]]
@@ -112,7 +113,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     seeds = results["seeds"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     width = 0.27
     for gi, gn in enumerate(GNS):
         for mi, method in enumerate(METHODS):
@@ -124,15 +125,18 @@ def plot(results: dict, path: Path) -> None:
     axes[0].set_ylim(0, 101)
     axes[0].set_title("before fine-tuning (test split, mean ± sd over seeds)")
     axes[0].legend(loc="lower left")
-    for ax, gn in zip(axes[1:], (32, 8), strict=True):
+    low = results["setup"]["finetune"]["low_lr"]
+    panels = [("finetune", 32, results["setup"]["finetune"]["lr"]), ("finetune", 8, results["setup"]["finetune"]["lr"])]
+    panels.append(("finetune_low_lr", 32, low))
+    for ax, (key, gn, lr) in zip(axes[1:], panels, strict=True):
         for mi, method in enumerate(("original BN", *METHODS)):
-            curves = [seeds[s]["finetune"][str(gn)][method] for s in seeds]
+            curves = [seeds[s][key][str(gn)][method] for s in seeds]
             steps = [p[0] for p in curves[0]]
             acc = np.array([[100 * p[1] for p in c] for c in curves])
             color = "gray" if method == "original BN" else f"C{mi - 1}"
             ax.plot(steps, acc.mean(0), marker="o", ms=3, color=color, label=method)
             ax.fill_between(steps, acc.min(0), acc.max(0), color=color, alpha=0.15)
-        ax.set_title(f"fine-tuning at batch size 2, gn={gn} (BN model: as is)")
+        ax.set_title(f"fine-tuning at batch size 2, lr {lr}, gn={gn}")
         ax.set_xlabel("SGD steps (batch size 2)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_ylim(0, 101)
@@ -148,6 +152,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--every", type=int, default=25)
     parser.add_argument("--calibration", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=0.003, help="fine-tuning learning rate (gn = 32 and 8)")
+    parser.add_argument("--low-lr", type=float, default=0.0003, help="the lower fine-tuning learning rate (gn = 32)")
     parser.add_argument("--models", type=Path, default=None, help="folder to keep (and reuse) the trained models")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "data" / "preserve_eval.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "preserve_eval.png")
@@ -158,7 +164,8 @@ def main() -> None:
         "setup": {
             "data": "sklearn load_digits, 8x8 upsampled to 32x32, 80/20 stratified split (random_state=0)",
             "train": len(x), "test": len(xt), "epochs": args.epochs, "calibration_images": args.calibration,
-            "finetune": {"batch_size": 2, "steps": args.steps, "optimizer": "SGD lr 0.003 momentum 0.9"},
+            "finetune": {"batch_size": 2, "steps": args.steps, "optimizer": "SGD momentum 0.9", "lr": args.lr,
+                         "low_lr": args.low_lr, "low_lr_gn": [32]},
             "torch": torch.__version__, "wsconvert": wsconvert.__version__,
         },
         "seeds": {},
@@ -194,14 +201,16 @@ def main() -> None:
                 }
                 starts[(gn, method)] = model
                 print(f"  gn={gn} {method}: {entry['before'][str(gn)][method]}")
-        bn_curve = finetune(net, x, y, xt, yt, args.steps, args.every, seed)
-        print(f"  finetune original BN: {[round(100 * a, 1) for _, a in bn_curve]}")
-        for gn in (32, 8):
-            entry["finetune"][str(gn)] = {"original BN": bn_curve}
-            for method in METHODS:
-                curve = finetune(starts[(gn, method)], x, y, xt, yt, args.steps, args.every, seed)
-                entry["finetune"][str(gn)][method] = curve
-                print(f"  finetune gn={gn} {method}: {[round(100 * a, 1) for _, a in curve]}")
+        for key, lr, gns in (("finetune", args.lr, (32, 8)), ("finetune_low_lr", args.low_lr, (32,))):
+            bn_curve = finetune(net, x, y, xt, yt, args.steps, args.every, seed, lr)
+            print(f"  finetune lr {lr} original BN: {[round(100 * a, 1) for _, a in bn_curve]}")
+            entry[key] = {}
+            for gn in gns:
+                entry[key][str(gn)] = {"original BN": bn_curve}
+                for method in METHODS:
+                    curve = finetune(starts[(gn, method)], x, y, xt, yt, args.steps, args.every, seed, lr)
+                    entry[key][str(gn)][method] = curve
+                    print(f"  finetune lr {lr} gn={gn} {method}: {[round(100 * a, 1) for _, a in curve]}")
         results["seeds"][str(seed)] = entry
         results["seconds"] = round(time.time() - started)
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -474,7 +474,7 @@ def test_interrupted_write_leaves_no_output(tmp_path: Path, monkeypatch: pytest.
         Path(f if isinstance(f, (str, Path)) else f.name).write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(torch, "save", failing_save)
+    monkeypatch.setattr(torch.serialization, "save", failing_save)  # what wsconvert writes through
     result = run(layout.path, *layout.args)
     assert result.exit_code == 1 and "Aborted" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw.pt"]

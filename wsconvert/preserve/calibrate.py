@@ -17,10 +17,22 @@ are fitted one after the other, so each fit sees the already fitted earlier laye
 channel only the sums n, sum z, sum z^2, sum y, sum zy are kept (float64), and each pass stops at the layer it
 fits. The fitted values are copied into the GroupNorm's existing weight/bias Parameters (an optimizer built
 afterwards, or holding the BatchNorm's gamma/beta, sees them).
+
+Distilled (``distill_affines``, after the fit): a per-layer fit cannot undo per-sample normalization, and its
+errors add up through the network. So the GroupNorm affines (and nothing else: W, gain/shift, other norms are
+frozen) are then trained end to end to reproduce the original model (knowledge distillation, Hinton et al. 2015,
+arXiv:1503.02531): KL(original softmax || converted softmax) for (N, K) outputs, else the relative squared error
+of the outputs, plus FEATURE_WEIGHT times the mean relative squared error of each GroupNorm's output against the
+original BatchNorm's output on the same input. 64 images are few for ~10^4 affine parameters, so every step also
+distills on mixup inputs (lam * x_i + (1 - lam) * x_j, Zhang et al. 2018, arXiv:1710.09412) labelled by the
+original model itself, which the original can do for any input. Adam with a cosine-decayed step size,
+DISTILL_STEPS steps, one calibration batch of at most CALIBRATION_CHUNK samples per step (round robin), seeded;
+the result is kept only if it lowers that loss on the calibration data plus a fixed mixup of it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -40,6 +52,8 @@ __all__ = [
     "norm_output",
     "set_affines_from_batchnorm",
     "fit_affines",
+    "distill_affines",
+    "DISTILL_STEPS",
     "model_device",
     "run_model",
 ]
@@ -264,6 +278,200 @@ def fit_affines(reference: nn.Module, converted: nn.Module, pairs: Sequence[Norm
                 gn.bias.copy_(bias.to(gn.bias.dtype))
             fitted.add(path)
     return fitted
+
+
+DISTILL_STEPS = 100  # Adam steps of the end-to-end distillation of the GroupNorm affines (0: off)
+DISTILL_LR = 1e-2
+FEATURE_WEIGHT = 0.1  # weight of the per-layer GroupNorm-vs-BatchNorm output term
+DISTILL_SEED = 0
+
+
+class _train_flags:
+    """Eval mode (gradients left on) for the given models; every module's training flag is restored on exit."""
+
+    def __init__(self, *models: nn.Module) -> None:
+        self.flags = [(m, m.training) for model in models for m in model.modules()]
+
+    def __enter__(self) -> None:
+        for module, _ in self.flags:
+            module.training = False
+
+    def __exit__(self, *exc: object) -> None:
+        for module, training in self.flags:
+            module.training = training
+
+
+def _record_outputs(modules: Mapping[str, nn.Module], store: dict[str, list[Tensor]], detach: bool) -> list:
+    """Pre-hooks appending what each module computes from its input (``norm_output``, before any activation, so
+    in-place activations cannot alter it) to ``store[path]``, one entry per call."""
+
+    def hook_for(path: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if args and isinstance(args[0], Tensor):
+                y = norm_output(module, args[0])
+                if y is not None:
+                    store.setdefault(path, []).append(y.detach() if detach else y)
+
+        return hook
+
+    return [module.register_forward_pre_hook(hook_for(path)) for path, module in modules.items()]
+
+
+def _output_loss(got: object, want: object) -> Tensor | None:
+    """KL(softmax(want) || softmax(got)) for (N, K) logits, else the mean relative squared error of the outputs."""
+    from torch.utils._pytree import tree_leaves
+
+    gots = [t for t in tree_leaves(got) if isinstance(t, Tensor) and t.is_floating_point()]
+    wants = [t for t in tree_leaves(want) if isinstance(t, Tensor) and t.is_floating_point()]
+    if not gots or len(gots) != len(wants) or any(a.shape != b.shape for a, b in zip(gots, wants, strict=True)):
+        return None
+    a, b = gots[0], wants[0]
+    if len(gots) == 1 and a.dim() == 2 and a.shape[1] > 1:
+        return F.kl_div(
+            F.log_softmax(a.float(), 1), F.log_softmax(b.float(), 1), log_target=True, reduction="batchmean"
+        )
+    terms = [
+        (a.float() - b.float()).pow(2).sum() / b.float().pow(2).sum().clamp_min(1e-12)
+        for a, b in zip(gots, wants, strict=True)
+    ]
+    return torch.stack(terms).mean()
+
+
+def _mixup(batch: Tensor, generator: torch.Generator) -> Tensor:
+    """``batch`` followed by its mixup lam * x_i + (1 - lam) * x_perm(i) (arXiv:1710.09412); only the batch for
+    non-floating inputs (token ids) or a single sample."""
+    n = batch.shape[0]
+    if not batch.is_floating_point() or n < 2:
+        return batch
+    lam = torch.rand((n,) + (1,) * (batch.dim() - 1), generator=generator).to(batch.device, batch.dtype)
+    perm = torch.randperm(n, generator=generator).to(batch.device)
+    return torch.cat([batch, lam * batch + (1 - lam) * batch[perm]])
+
+
+def _rebatched(batches: list[Tensor]) -> list[Tensor]:
+    """The samples of ``batches`` in chunks of CALIBRATION_CHUNK when they can be concatenated (same dtype,
+    device and sample shape), so that the distillation does not depend on how a loader split them."""
+    first = batches[0]
+    if len(batches) == 1 and first.shape[0] <= CALIBRATION_CHUNK:
+        return batches
+    if any(b.dtype != first.dtype or b.device != first.device or b.shape[1:] != first.shape[1:] for b in batches):
+        return batches
+    return list(torch.cat(batches).split(CALIBRATION_CHUNK))
+
+
+def distill_affines(
+    reference: nn.Module,
+    converted: nn.Module,
+    pairs: Sequence[NormPair],
+    batches: list[Tensor],
+    *,
+    steps: int | None = None,
+    lr: float = DISTILL_LR,
+    feature_weight: float = FEATURE_WEIGHT,
+    seed: int = DISTILL_SEED,
+) -> set[str]:
+    """Train only the paired GroupNorms' weight/bias (in place, the same Parameter objects) so that ``converted``
+    reproduces ``reference`` on ``batches`` (module docstring). Every other parameter's values, requires_grad and
+    .grad, and every module's training flag, are as before on return. Returns the paths it changed (empty when
+    there was nothing to train, or when the result did not lower the loss on the calibration data). ``steps``
+    None: DISTILL_STEPS, read at call time."""
+    steps = DISTILL_STEPS if steps is None else steps
+    gns: dict[str, nn.Module] = {}
+    originals: dict[str, nn.Module] = {}
+    for path, _, gn in pairs:
+        if gn.weight is None or gn.bias is None:
+            continue
+        try:
+            original = reference.get_submodule(path)
+        except AttributeError:
+            continue
+        if _batchnorm_terms(original) is not None:
+            gns[path], originals[path] = gn, original
+    params = [p for gn in gns.values() for p in (gn.weight, gn.bias)]
+    if steps <= 0 or not params:
+        return set()
+    batches = _rebatched(batches)
+    generator = torch.Generator().manual_seed(seed)
+    every = list(converted.parameters())
+    saved = [(p, p.requires_grad, p.grad) for p in every]
+    start = [p.detach().clone() for p in params]
+
+    def loss_on(batch: Tensor, index: int) -> Tensor | None:
+        want: dict[str, list[Tensor]] = {}
+        got: dict[str, list[Tensor]] = {}
+        handles = _record_outputs(originals, want, detach=True)
+        try:
+            with torch.no_grad():
+                target = run_model(reference, batch, index, what="original")
+        finally:
+            for handle in handles:
+                handle.remove()
+        handles = _record_outputs(gns, got, detach=False)
+        try:
+            output = run_model(converted, batch, index, what="converted")
+        finally:
+            for handle in handles:
+                handle.remove()
+        loss = _output_loss(output, target)
+        if loss is None:
+            return None
+        features = [
+            (a.float() - b.float()).pow(2).sum() / b.float().pow(2).sum().clamp_min(1e-12)
+            for path in got
+            for a, b in zip(got[path], want.get(path, []), strict=False)
+            if a.shape == b.shape
+        ]
+        if features and feature_weight:
+            loss = loss + feature_weight * torch.stack(features).mean()
+        return loss
+
+    check = torch.Generator().manual_seed(seed + 1)
+    checks = [_mixup(batch, check) for batch in batches]  # fixed: the same inputs before and after
+
+    def calibration_loss() -> float | None:
+        total = 0.0
+        with torch.no_grad():
+            for index, batch in enumerate(checks):
+                loss = loss_on(batch, index)
+                if loss is None:
+                    return None
+                total += float(loss)
+        return total
+
+    with _train_flags(reference, converted), torch.enable_grad():
+        try:
+            for p in every:
+                p.requires_grad_(False)
+                p.grad = None
+            before = calibration_loss()
+            if before is None:
+                return set()
+            for p in params:
+                p.requires_grad_(True)
+            optimizer = torch.optim.Adam(params, lr=lr)
+            for step in range(steps):
+                for group in optimizer.param_groups:  # cosine decay to 0 (SGDR, arXiv:1608.03983), settles the fit
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+                index = step % len(batches)
+                loss = loss_on(_mixup(batches[index], generator), index)
+                if loss is None or not torch.isfinite(loss):
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            for p in params:
+                p.requires_grad_(False)
+            after = calibration_loss()
+            if after is None or not after < before:
+                with torch.no_grad():
+                    for p, value in zip(params, start, strict=True):
+                        p.copy_(value)
+                return set()
+        finally:
+            for p, flag, grad in saved:
+                p.requires_grad_(flag)
+                p.grad = grad
+    return set(gns)
 
 
 def _forward_order(converted: nn.Module, pairs: Sequence[NormPair], batch: Tensor) -> list[NormPair]:

@@ -50,9 +50,10 @@ def finish(
     batches: list[Tensor] | None,
 ) -> Fidelity | None:
     """After the walk: data-free BatchChannelNorm affines (wsconvert.norms.bcn), gain/shift on the convs,
-    GroupNorm affines from the BatchNorms (data-free), then, with calibration ``batches``, the layer-by-layer fit
-    and the fidelity measurement against ``reference`` (the unconverted model). Returns the fidelity (None
-    without batches). What it writes in existing tensors is ``preserved_tensors(steps, options)``."""
+    GroupNorm affines from the BatchNorms (data-free), then, with calibration ``batches``, the layer-by-layer fit,
+    the end-to-end distillation of the GroupNorm affines, and the fidelity measurement against ``reference`` (the
+    unconverted model). Returns the fidelity (None without batches). What it writes in existing tensors is
+    ``preserved_tensors(steps, options)``."""
     if not options.preserve:
         return None
     preserve_batch_channel_norms(converted, steps)
@@ -62,6 +63,7 @@ def finish(
     if batches is None or reference is None:
         return None
     fitted = calibrate.fit_affines(reference, converted, pairs, batches)
+    fitted |= calibrate.distill_affines(reference, converted, pairs, batches)
     methods = {path: ("calibrated" if path in fitted else "data-free") for path, _, _ in pairs}
     return measure_fidelity(reference, converted, batches, methods=methods)
 
@@ -84,6 +86,7 @@ def preserve_notes(steps: Sequence, options: ConversionOptions) -> list[str]:
     elif replaced:
         notes.append(
             f"preserve: the affine of the {replaced} GroupNorm(s) is set from the replaced BatchNorm's running "
-            "statistics and affine (data-free), or fitted layer by layer with calibration_data"
+            "statistics and affine (data-free), or with calibration_data fitted layer by layer, then distilled "
+            "end to end"
         )
     return notes
