@@ -16,6 +16,7 @@ from torch import nn
 
 import wsconvert
 from wsconvert import ArchitectureError, CheckpointError
+from wsconvert.checkpoint import keys as key_maps
 from wsconvert.checkpoint import reader as ckpt
 from wsconvert.checkpoint.arch import arch_from_checkpoint, resolve_arch
 from wsconvert.checkpoint.rewrite import rewrite_state_dict
@@ -188,7 +189,7 @@ EXPECTED = {"conv1.weight", "bn1.weight", "bn1.bias", "fc.weight"}
     ],
 )
 def test_match_prefix(keys: list[str], prefix: str, matched: int) -> None:
-    assert ckpt.match_prefix(keys, EXPECTED) == (prefix, matched)
+    assert key_maps.match_prefix(keys, EXPECTED) == (prefix, matched)
 
 
 @pytest.mark.parametrize(

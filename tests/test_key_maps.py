@@ -1,6 +1,7 @@
-"""Key maps (reader.match_keys): leading prefixes, inner prefixes inserted or removed by one consistent rule, and the
-refusals: ambiguous renamings, partial matches and same-shape swap bait are never paired by guess; the mismatch
-error says what the keys look like (another architecture, or the right one under a renaming) with an example pair."""
+"""Key maps (wsconvert.checkpoint.keys.match_keys): leading prefixes, inner prefixes inserted or removed by one
+consistent rule, and the refusals: ambiguous renamings, partial matches and same-shape swap bait are never paired
+by guess; the mismatch error says what the keys look like (another architecture, or the right one under a
+renaming) with an example pair."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 import wsconvert
-from wsconvert.checkpoint import reader as ckpt
+from wsconvert.checkpoint import keys as key_maps
 from wsconvert.checkpoint.rewrite import rewrite_state_dict
 from wsconvert.errors import CheckpointError
 
@@ -74,7 +75,7 @@ MATCHED = {
 
 @pytest.mark.parametrize(("found", "expected", "pairs", "rules"), MATCHED.values(), ids=MATCHED.keys())
 def test_matched_key_maps(found: dict, expected: dict, pairs: dict, rules: list[str]) -> None:
-    keymap = ckpt.match_keys(found, expected)
+    keymap = key_maps.match_keys(found, expected)
     assert keymap.complete, keymap
     assert keymap.pairs == pairs
     assert len(keymap.renamed()) == len(rules)
@@ -138,7 +139,7 @@ REFUSED = {
 
 @pytest.mark.parametrize(("found", "expected", "pairs", "field", "text"), REFUSED.values(), ids=REFUSED.keys())
 def test_refused_key_maps(found: dict, expected: dict, pairs: dict, field: str, text: str) -> None:
-    keymap = ckpt.match_keys(found, expected)
+    keymap = key_maps.match_keys(found, expected)
     assert not keymap.complete
     assert keymap.pairs == pairs
     assert any(text in str(entry) for entry in getattr(keymap, field)), getattr(keymap, field)
@@ -150,7 +151,7 @@ def test_library_renaming_comes_before_inner_prefixes_and_never_moves_a_named_ke
 
     found = shapes("enc.conv_encoder.l1.weight", "attn.out_proj.weight", "attn.o_proj.bias")
     expected = shapes("enc.l1.weight", "attn.o_proj.weight", "attn.o_proj.bias")
-    keymap = ckpt.match_keys(found, expected, ("a test loader", rename))
+    keymap = key_maps.match_keys(found, expected, ("a test loader", rename))
     assert keymap.complete
     assert keymap.pairs == {
         "enc.conv_encoder.l1.weight": "enc.l1.weight",
@@ -162,9 +163,9 @@ def test_library_renaming_comes_before_inner_prefixes_and_never_moves_a_named_ke
         "renamed by a test loader",
     ]
     # two keys that the library renames onto one architecture key: refused, naming both
-    clash = ckpt.match_keys(shapes("attn.out_proj.weight", "attn.o_proj.weight"), shapes("attn.o_proj.weight"))
+    clash = key_maps.match_keys(shapes("attn.out_proj.weight", "attn.o_proj.weight"), shapes("attn.o_proj.weight"))
     assert clash.unexpected == ["attn.out_proj.weight"]  # without the library: an unexpected key
-    clash = ckpt.match_keys(
+    clash = key_maps.match_keys(
         shapes("attn.out_proj.weight", "attn.o_proj.weight"), shapes("attn.o_proj.weight"), ("a test loader", rename)
     )
     assert not clash.complete
@@ -177,7 +178,7 @@ def test_library_converters_are_reported_not_applied() -> None:
     def rename(key: str) -> tuple[str, str | None]:
         return (key, "in_proj_weight") if "in_proj" in key else (key, None)
 
-    keymap = ckpt.match_keys(
+    keymap = key_maps.match_keys(
         shapes("attn.in_proj_weight", "norm.weight"), shapes("attn.q.weight", "norm.weight"), ("a test loader", rename)
     )
     assert not keymap.complete and keymap.pairs == {"norm.weight": "norm.weight"}

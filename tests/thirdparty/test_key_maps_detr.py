@@ -19,7 +19,7 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import wsconvert  # noqa: E402
-from wsconvert.checkpoint import reader as ckpt  # noqa: E402
+from wsconvert.checkpoint import keys as key_maps  # noqa: E402
 from wsconvert.cli import main  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -128,7 +128,7 @@ def test_without_the_library_mapping_the_hint_names_the_renaming(
     self_attn.q_content_proj (tensors of one shape): nothing is paired by guess, and the error says the keys look
     like the architecture under a renaming, with an example pair."""
     _, path = saved(tmp_path, name)
-    monkeypatch.setattr(ckpt, "library_renaming", lambda model: None)
+    monkeypatch.setattr(key_maps, "library_renaming", lambda model: None)
     out = tmp_path / "out.safetensors"
     result = run(path, "--arch", f"{__name__}:{FACTORIES[name].__name__}", "--gn", GN, "-o", out)
     assert result.exit_code == 1 and not out.exists()

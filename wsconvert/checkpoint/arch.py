@@ -413,9 +413,9 @@ def _model_state_dict(checkpoint: Mapping[str, Any]) -> Mapping[str, Any] | None
 
 def _pick_by_keys(name: str, candidates: list[tuple[str, dict[str, Any]]], checkpoint: Mapping[str, Any]) -> int:
     """The index of the one candidate whose state dict the checkpoint's model entry maps onto completely
-    (``reader.match_keys``, names and shapes), or ArchitectureError: a name two libraries know is never resolved
+    (``key_maps.match_keys``, names and shapes), or ArchitectureError: a name two libraries know is never resolved
     by a preference order, only by the keys."""
-    from . import reader
+    from . import keys as key_maps
 
     state_dict = _model_state_dict(checkpoint)
     fits: list[int] = []
@@ -426,7 +426,7 @@ def _pick_by_keys(name: str, candidates: list[tuple[str, dict[str, Any]]], check
                 skeleton = resolve_arch(spec, kwargs).build_skeleton()
             except ArchitectureError:
                 continue
-            keymap = reader.match_keys(shapes, {k: list(v.shape) for k, v in skeleton.state_dict().items()})
+            keymap = key_maps.match_keys(shapes, {k: list(v.shape) for k, v in skeleton.state_dict().items()})
             if keymap.complete:
                 fits.append(index)
     if len(fits) == 1:

@@ -34,6 +34,7 @@ from ..convert import bake as bake_model
 from ..convert import convert_measured
 from ..errors import ArchitectureError, CheckpointError, InvalidOptionError
 from ..integrations import ultralytics as ultralytics_integration
+from . import keys as key_maps
 from . import reader as ckpt
 from .arch import Architecture, arch_from_checkpoint, resolve_arch
 
@@ -332,7 +333,7 @@ class TrainingCheckpointLayout(Layout):
             elif ckpt.is_state_dict(value):
                 if expected is None:
                     expected = set(architecture.build_skeleton().state_dict())
-                _, matched = ckpt.match_prefix(list(value), expected)
+                _, matched = key_maps.match_prefix(list(value), expected)
                 (models if matched * 2 >= len(expected) else kept).append(key)
             else:
                 kept.append(key)

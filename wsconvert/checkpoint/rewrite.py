@@ -32,6 +32,7 @@ from ..errors import CheckpointError, InvalidOptionError
 from ..plan import make_plan
 from ..preserve.calibrate import load_calibration_file
 from ..report import ConversionReport
+from . import keys as key_maps
 from . import reader as ckpt
 from .layouts import _SHOWN, WHOLE_MODEL_FORMAT, Output, _described, _jsonable, _listed, _short, layout_of
 
@@ -48,7 +49,7 @@ __all__ = [
 @dataclass
 class EntryResult:
     """One rewritten model state dict: where it was (``key`` None: the file itself), its key prefix, and the
-    rename rules that mapped its keys onto the architecture's (``reader.match_keys``; the output uses the
+    rename rules that mapped its keys onto the architecture's (``key_maps.match_keys``; the output uses the
     architecture's names)."""
 
     key: str | None
@@ -151,11 +152,11 @@ def _shape_or_none(t: object) -> list[int] | None:
 def _mismatch_error(
     where: str,
     arch: str,
-    keymap: ckpt.KeyMap,
+    keymap: key_maps.KeyMap,
     shapes: Mapping[str, Any],
     expected: Mapping[str, Any],
 ) -> CheckpointError:
-    """The one-line refusal of a state dict whose keys do not map onto ``arch`` (``reader.match_keys``), with a
+    """The one-line refusal of a state dict whose keys do not map onto ``arch`` (``key_maps.match_keys``), with a
     hint that says what the keys look like: another architecture, the right one with a different number of
     classes, or the right one under a prefix or renaming that wsconvert could not resolve (an example pair)."""
     parts = []
@@ -174,7 +175,7 @@ def _mismatch_error(
         parts.append(f"+{len(sizes) - _SHOWN} more size mismatches")
     total = len(expected)
     matched = len(keymap.pairs)
-    example = ckpt.closest_pair(keymap, shapes, expected)
+    example = key_maps.closest_pair(keymap, shapes, expected)
     pair = f"checkpoint {_short(example[0])!r} vs architecture {_short(example[1])!r}" if example else ""
     tail = set(list(expected)[-2:])
     classes = {got[0] for key, got, want in sizes if key in tail and got[1:] == want[1:] and got[:1] != want[:1]}
@@ -301,7 +302,7 @@ def rewrite_state_dict(
     ``release`` (drop the memory-mapped input's resident pages) is called while baking. With
     ``calibration_data`` (``preserve=True``; the skeleton must then hold real tensors) the GroupNorm affines
     are fitted on it and ``report.fidelity`` is filled (wsconvert.preserve.calibrate). The keys are mapped onto
-    the architecture's by ``reader.match_keys`` (the leading prefix, the model library's load-time renaming, inner
+    the architecture's by ``key_maps.match_keys`` (the leading prefix, the model library's load-time renaming, inner
     prefixes found by one consistent rule); renamed keys are written under the architecture's names, the leading
     prefix is put back. Raises CheckpointError naming the first missing, unexpected, size-mismatched and ambiguous
     keys, with a hint that says what the keys look like.
@@ -309,7 +310,7 @@ def rewrite_state_dict(
     expected = skeleton.state_dict()
     shapes = {k: _shape_or_none(v) for k, v in state_dict.items()}
     wanted = {k: _shape(v) for k, v in expected.items()}
-    keymap = ckpt.match_keys(shapes, wanted, ckpt.library_renaming(skeleton))
+    keymap = key_maps.match_keys(shapes, wanted, key_maps.library_renaming(skeleton))
     prefix = keymap.prefix
     as_named = {key[len(prefix) :]: expected[target] for key, target in keymap.pairs.items()}
     validate_state_dict(state_dict, where, as_named, prefix, arch)

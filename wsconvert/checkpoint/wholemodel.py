@@ -30,6 +30,7 @@ from torch import nn
 
 from ..convert import convert_model
 from ..errors import ArchitectureError, CheckpointError, InvalidOptionError
+from . import keys as key_maps
 from . import reader as ckpt
 from .arch import resolve_arch
 from .layouts import MODULES_FORMAT
@@ -169,7 +170,7 @@ def load(path: str | os.PathLike, *, map_location: Any = "cpu", entry: str | Non
         where, state_dict = str(path), obj
     model = convert_model(architecture.build(), **options, inplace=True)
     expected = set(model.state_dict())
-    prefix, _ = ckpt.match_prefix(list(state_dict), expected)
+    prefix, _ = key_maps.match_prefix(list(state_dict), expected)
     own = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
     try:
         model.load_state_dict(own, strict=True)
