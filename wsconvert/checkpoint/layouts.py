@@ -2,17 +2,18 @@
 output is. One registered handler per layout, asked once by ``convert_checkpoint`` (wsconvert.checkpoint.rewrite).
 
 The built-ins, in registration order: a safetensors state dict, a torch.save state dict, a training checkpoint (a
-dict holding state dicts and other entries, e.g. timm's train.py or Lightning's ModelCheckpoint) and a whole pickled
-nn.Module. ``convert_checkpoint`` reads the input (``reader.load_checkpoint``), takes the layout ``layout_of`` finds,
+dict holding state dicts and other entries, e.g. timm's train.py or Lightning's ModelCheckpoint), a whole pickled
+nn.Module, a training dict of whole modules (ultralytics' ``model``/``ema``) and a transformers ``save_pretrained``
+directory (wsconvert.checkpoint.directory, registered when that module is imported at the end of this one).
+``convert_checkpoint`` reads the input (``reader.load_checkpoint``), takes the layout ``layout_of`` finds,
 refuses an input that already carries a record (``Layout.record``), rewrites each state dict ``Layout.entries``
 names and writes the ``Output`` files ``Layout.assemble`` returns through its one write path (atomic
 ``reader.write_torch`` / ``reader.write_safetensors``). Another layout is one ``register_layout(MyLayout())``.
 
 Nothing here assumes one input file or one output file: ``Layout.entries`` names state dicts by key (None: the
 loaded object itself) and ``assemble`` returns a list of outputs, each at ``output/name`` when it has a ``name``.
-The next layouts of issue 13 (a Hugging Face ``save_pretrained`` directory with config.json and sharded
-safetensors, ultralytics whole-module checkpoints) are each one more handler; a directory input also needs a
-reading step of its own, since ``reader.load_checkpoint`` reads one file.
+A directory input has a reading step of its own (``reader.load_checkpoint`` reads one file): the directory
+layout reads config.json and the shards itself and writes a directory atomically (``reader.write_directory_atomic``).
 """
 
 from __future__ import annotations

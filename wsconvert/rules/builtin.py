@@ -168,7 +168,7 @@ RULES: list[Rule] = [
     replace_norm(TORCHVISION_FROZEN_BATCHNORM, bcn=True, name="frozen batchnorm"),
     replace_norm(match=is_frozen_batchnorm_like, eps=_DETR_FROZEN_EPS, name="DETR-style frozen batchnorm"),
     keep(*TIMM_COND_CONV, reason=_COND_CONV_REASON, name="timm CondConv2d"),
-    # Last: never drop a norm-like module silently (issue 13, point 2); a user's rule is consulted before this one.
+    # Last: never drop a norm-like module silently; a user's rule is consulted before this one.
     Rule(
         "unrecognized norm-like layer",
         matches=lambda m: bool(_norm_like_evidence(m)),
