@@ -79,7 +79,7 @@ def test_to_dict_is_what_checkpoints_recorded() -> None:
     assert options.to_dict() == {
         "gn": 8, "eps": 1e-5, "style": "standard", "include": ["layer4.*"], "exclude": ["fc"],
         "skip_depthwise": False, "skip_unnormalized": False, "norm": "bcn", "bcn_estimate": 0.5, "preserve": False,
-        "standardize_frozen": False,
+        "standardize_frozen": False, "calibration_steps": None,
     }  # fmt: skip
 
 
@@ -118,10 +118,10 @@ def test_style_choices_are_the_styles() -> None:
         ([], {"gn": None, "eps": 1e-5, "style": "standard", "include": None, "exclude": None,
               "skip_depthwise": False, "skip_unnormalized": False, "input_shape": None}),
         (["--gn", "8", "--norm", "bcn", "--bcn-estimate", "0", "--preserve", "--include", "a", "--include", "b",
-          "--standardize-frozen"],
+          "--standardize-frozen", "--calibration-steps", "5"],
          {"gn": 8, "eps": 1e-5, "style": "standard", "include": ["a", "b"], "exclude": None, "skip_depthwise": False,
           "skip_unnormalized": False, "input_shape": None, "norm": "bcn", "bcn_estimate": 0.0, "preserve": True,
-          "standardize_frozen": True}),
+          "standardize_frozen": True, "calibration_steps": 5}),
     ],
     ids=["defaults", "all given"],
 )  # fmt: skip
@@ -167,6 +167,10 @@ BAD = {  # keyword arguments, CLI arguments, exit code (2: rejected while parsin
     "estimate without bcn": ({"gn": 8, "bcn_estimate": 0.1}, ["--gn", "8", "--bcn-estimate", "0.1"], 1),
     "empty include": ({"include": [""]}, ["--include", ""], 1),
     "standardize_frozen not a bool": ({"standardize_frozen": "yes"}, None, None),
+    "calibration_steps negative": ({"preserve": True, "calibration_steps": -1}, ["--preserve", "--calibration-steps",
+                                                                                 "-1"], 2),
+    "calibration_steps not an int": ({"preserve": True, "calibration_steps": 2.5}, None, None),
+    "calibration_steps without preserve": ({"calibration_steps": 10}, ["--calibration-steps", "10"], 1),
 }  # fmt: skip
 
 

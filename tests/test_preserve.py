@@ -367,6 +367,28 @@ def test_distilled_affines_beat_data_free_and_least_squares_on_held_out_data(tas
             DEEP_PATHS}).layers] == ["calibrated"] * 3  # fmt: skip
 
 
+def _affines(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if k.split(".")[0] in {p.split(".")[0] for p in DEEP_PATHS}}
+
+
+def test_calibration_steps_sets_the_distillation(task_model) -> None:
+    """calibration_steps=0 is the least-squares fit alone; a number of steps is that many distillation steps
+    (the default, None, is calibrate.DISTILL_STEPS); the option is recorded in the report."""
+    model, calib, _ = task_model
+    fitted = least_squares_only(model, calib)
+    none = wsconvert.convert_model(model, gn=4, preserve=True, calibration_data=calib, calibration_steps=0)
+    torch.testing.assert_close(_affines(none), _affines(fitted), rtol=0, atol=0)
+    default = wsconvert.convert_model(model, gn=4, preserve=True, calibration_data=calib)
+    explicit = wsconvert.convert_model(
+        model, gn=4, preserve=True, calibration_data=calib, calibration_steps=calibrate.DISTILL_STEPS
+    )
+    torch.testing.assert_close(_affines(explicit), _affines(default), rtol=0, atol=0)
+    few = wsconvert.convert_model(model, gn=4, preserve=True, calibration_data=calib, calibration_steps=5)
+    assert any(not torch.equal(a, b) for a, b in zip(_affines(few).values(), _affines(default).values(), strict=True))
+    report = wsconvert.plan_conversion(model, gn=4, preserve=True, calibration_data=calib, calibration_steps=0)
+    assert report.options["calibration_steps"] == 0
+
+
 def test_distillation_changes_only_the_groupnorm_affines_and_restores_the_state(task_model) -> None:
     model, calib, _ = task_model
     model = copy.deepcopy(model).train()
@@ -621,6 +643,21 @@ def test_cli_preserve_with_calibration_loads_strictly_and_matches_python(
     probe = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(probe), python(probe))
+
+
+def test_cli_calibration_steps_is_recorded_and_rebuilds_the_same_model(
+    checkpoint: Path, plain: nn.Module, tmp_path: Path
+) -> None:
+    x = torch.randn(5, 3, 32, 32)
+    inputs = tmp_path / "inputs.pt"
+    _save_inputs(inputs, x)
+    out = tmp_path / "out.pt"
+    args = ("--gn", 8, "--preserve", "--calibration", inputs, "--calibration-steps", 0, "-o", out)
+    assert run(checkpoint, *ARCH, *args).exit_code == 0
+    state = torch.load(out, weights_only=True)
+    assert state._metadata["__wsconvert__"]["options"]["calibration_steps"] == 0
+    python = wsconvert.convert_model(plain, gn=8, preserve=True, calibration_data=x, calibration_steps=0)
+    torch.testing.assert_close(dict(state), python.state_dict(), rtol=0, atol=0)
 
 
 def test_cli_preserve_without_calibration_and_bake(checkpoint: Path, plain: nn.Module, tmp_path: Path) -> None:

@@ -162,6 +162,7 @@ class _Progress:
     type=click.Path(path_type=Path, dir_okay=False),
     help="Inputs (torch.save / safetensors / .npy tensor) to fit the GroupNorm affines on (with --preserve).",
 )
+@declared_options("calibration_steps")
 @click.option("--bake", is_flag=True, help="Store standardized weights as plain conv weights (inference/export).")
 @click.option("--dry-run", is_flag=True, help="Load, plan and report; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print only the report, as JSON, on stdout.")

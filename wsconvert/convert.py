@@ -35,6 +35,7 @@ def plan_conversion(
     bcn_estimate: float | None = None,
     preserve: bool = False,
     standardize_frozen: bool = False,
+    calibration_steps: int | None = None,
     calibration_data: object = None,
     rules: Sequence[Rule] | None = None,
 ) -> ConversionReport:
@@ -76,6 +77,7 @@ def convert_model(
     bcn_estimate: float | None = None,
     preserve: bool = False,
     standardize_frozen: bool = False,
+    calibration_steps: int | None = None,
     calibration_data: object = None,
     rules: Sequence[Rule] | None = None,
 ) -> nn.Module:

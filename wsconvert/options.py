@@ -105,8 +105,23 @@ def _norm(norm: object) -> str:
     return norm or "gn"
 
 
+def _steps(steps: object) -> int | None:
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        raise InvalidOptionError(
+            f"calibration_steps={steps!r} must be an integer >= 0 (0: the layer-wise least-squares fit only), "
+            "or None for the default of 100"
+        )
+    return steps
+
+
 def _check_combination(given: dict[str, Any], gn: int | None, norm: str) -> None:
-    """The checks that need two options: ``norm`` needs ``gn``, ``bcn_estimate`` needs ``norm="bcn"``."""
+    """The checks that need two options: ``norm`` needs ``gn``, ``bcn_estimate`` needs ``norm="bcn"``,
+    ``calibration_steps`` needs ``preserve``."""
+    if given["calibration_steps"] is not None and not given["preserve"]:
+        raise InvalidOptionError(
+            f"calibration_steps={given['calibration_steps']!r} sets how the GroupNorm affines are fitted on "
+            "calibration data, which only preserve=True does: pass preserve=True and calibration_data with it"
+        )
     if given["norm"] is not None and gn is None:
         raise InvalidOptionError(
             f"norm={given['norm']!r} replaces BatchNorm layers and needs the number of groups: "
@@ -242,6 +257,18 @@ class ConversionOptions:
         flag="--standardize-frozen",
         kind="flag",
         validate=_boolean("standardize_frozen"),
+    )
+    calibration_steps: int | None = _declare(
+        None,
+        "with `preserve` and `calibration_data`: Adam steps of the end-to-end distillation of the GroupNorm "
+        "affines after the layer-wise fit (`None`: 100; `0`: the least-squares fit only; "
+        "[docs/preserve.md](docs/preserve.md))",
+        help="With --calibration: distillation steps of the GroupNorm affines (default 100; 0: least squares only).",
+        flag="--calibration-steps",
+        kind="int",
+        metavar="N",
+        minimum=0,
+        validate=_steps,
     )
 
     @classmethod

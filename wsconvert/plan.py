@@ -189,6 +189,7 @@ def make_plan(
     bcn_estimate: float | None = None,
     preserve: bool = False,
     standardize_frozen: bool = False,
+    calibration_steps: int | None = None,
     example_inputs: object = None,
     input_shape: Sequence[int] | None = None,
     calibration_data: object = None,

@@ -63,7 +63,7 @@ def finish(
     if batches is None or reference is None:
         return None
     fitted = calibrate.fit_affines(reference, converted, pairs, batches)
-    fitted |= calibrate.distill_affines(reference, converted, pairs, batches)
+    fitted |= calibrate.distill_affines(reference, converted, pairs, batches, steps=options.calibration_steps)
     methods = {path: ("calibrated" if path in fitted else "data-free") for path, _, _ in pairs}
     return measure_fidelity(reference, converted, batches, methods=methods)
 
