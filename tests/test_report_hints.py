@@ -208,3 +208,49 @@ def test_cli_skip_unnormalized_without_input_warns_once_in_its_own_format(tmp_pa
     assert "ProbeUnavailableWarning" not in result.stderr  # not Python's warning format on top of the line
     warning_lines = [line for line in result.stderr.splitlines() if line.startswith("Warning: ")]
     assert len(warning_lines) == 1 and "skip_unnormalized=True skipped nothing" in warning_lines[0]
+
+
+# --- a model frozen as a whole ---------------------------------------------------------------------------------
+
+
+def _frozen_cnn(frozen: str) -> nn.Module:
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8))
+    if frozen == "all":
+        net.requires_grad_(False)
+    elif frozen == "first conv":
+        net[0].weight.requires_grad_(False)
+    return net
+
+
+@pytest.mark.parametrize(("frozen", "warns"), [("all", True), ("first conv", False), ("none", False)])
+def test_a_model_frozen_as_a_whole_is_a_warning(frozen: str, warns: bool) -> None:
+    """All convs frozen: nothing is standardized, which convert_model (no report) must say as a warning."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted = wsconvert.convert_model(_frozen_cnn(frozen), gn=4)
+    said = [w for w in caught if issubclass(w.category, wsconvert.errors.FrozenModelWarning)]
+    assert len(said) == (1 if warns else 0), [str(w.message) for w in caught]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", wsconvert.errors.FrozenModelWarning)  # the same warning, checked above
+        report = wsconvert.plan_conversion(_frozen_cnn(frozen), gn=4)
+    hints = [h for h in report.hints if h.kind == "frozen_model"]
+    assert len(hints) == (1 if warns else 0)
+    if warns:
+        message = str(said[0].message)
+        assert said[0].filename == __file__  # points at the user's call
+        assert "all 2 conv(s)" in message and "standardize_frozen=True" in message and "requires_grad_(True)" in message
+        assert hints[0].warning and hints[0].message == message
+        assert not any(wsconvert.is_standardized(m) for m in converted.modules())
+        unfrozen = wsconvert.convert_model(_frozen_cnn(frozen), gn=4, standardize_frozen=True)
+        assert wsconvert.is_standardized(unfrozen[0]) and wsconvert.is_standardized(unfrozen[3])
+
+
+def test_cli_says_a_frozen_whole_model_once(tmp_path) -> None:
+    """A pickled whole model saved frozen (for inference): one Warning: line, not a Python warning."""
+    path = tmp_path / "frozen.pt"
+    torch.save(_frozen_cnn("all"), path)
+    result = CliRunner().invoke(main, [str(path), "--trust-pickle", "--gn", "4", "-o", str(tmp_path / "out.pt")])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if "no conv was standardized" in line]
+    assert len(lines) == 1 and lines[0].startswith("Warning: "), result.stderr
+    assert "FrozenModelWarning" not in result.stderr

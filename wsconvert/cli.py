@@ -20,7 +20,7 @@ import click
 
 from . import __version__
 from .cli_options import declared_option, declared_options
-from .errors import ProbeUnavailableWarning, WSConvertError, caused_by
+from .errors import FrozenModelWarning, ProbeUnavailableWarning, WSConvertError, caused_by
 from .options import keyword_arguments
 
 __all__ = ["main", "library_options"]
@@ -188,6 +188,7 @@ def main(**params: Any) -> None:  # noqa: D417 - click renders the options
     try:
         with warnings.catch_warnings(record=True) as caught:  # said as Warning: lines below, not in Python's format
             warnings.simplefilter("always", ProbeUnavailableWarning)
+            warnings.simplefilter("always", FrozenModelWarning)
             result = convert_checkpoint(
                 params["input"],
                 params["output"],
@@ -223,8 +224,8 @@ def main(**params: Any) -> None:  # noqa: D417 - click renders the options
             said.add(hint.message)
             click.echo(f"Warning: {hint.message}", err=True)
     for warning in caught:
-        if not issubclass(warning.category, ProbeUnavailableWarning):
+        if not issubclass(warning.category, (ProbeUnavailableWarning, FrozenModelWarning)):
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-        elif str(warning.message) not in said:  # the probe_unavailable warning is that hint's text: said above
+        elif str(warning.message) not in said:  # each of these warnings is a hint's text: said above
             said.add(str(warning.message))
             click.echo(f"Warning: {warning.message}", err=True)

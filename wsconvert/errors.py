@@ -12,6 +12,7 @@ __all__ = [
     "CheckpointError",
     "ArchitectureError",
     "ProbeUnavailableWarning",
+    "FrozenModelWarning",
     "caused_by",
 ]
 
@@ -44,6 +45,12 @@ class ProbeUnavailableWarning(UserWarning):
     be used to check GroupNorm group sizes; the fix is an input that the model runs on (``example_inputs=`` /
     ``input_shape=``, CLI ``--input-shape``).
     """
+
+
+class FrozenModelWarning(UserWarning):
+    """A conversion left every conv it would standardize because all their weights are frozen
+    (``requires_grad=False``), so the model came out without WS. Unfreeze the model before converting, or pass
+    ``standardize_frozen=True`` (CLI ``--standardize-frozen``)."""
 
 
 def caused_by(

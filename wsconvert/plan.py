@@ -41,9 +41,8 @@ from .probes.unnormalized import (
     run_forward,
     skip_unnormalized_steps,
     start_probe,
-    warn_if_probe_unavailable,
 )
-from .report import ConversionReport
+from .report import ConversionReport, warn_loud_hints
 from .rules import Rule, resolve
 from .rules.kinds import norm_types_in
 from .walk import Site, Step, Transaction
@@ -230,7 +229,7 @@ def plan_for(
     steps = skip_unnormalized_steps(steps, observations.probe, options)
     steps, one_group = give_pooled_norms_one_group(steps, observations.by_module)
     plan = Plan(model, steps, options, observations, batches, one_group)
-    warn_if_probe_unavailable(plan.report)  # a probe that ran and could not classify: say why, loudly
+    warn_loud_hints(plan.report)  # a probe that could not classify, or a model frozen as a whole: loudly
     return plan
 
 

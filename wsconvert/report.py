@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
+
+from .errors import FrozenModelWarning, ProbeUnavailableWarning
 
 if TYPE_CHECKING:  # the report only holds a Fidelity; preserve (above this layer) builds it
     from .preserve.fidelity import Fidelity
@@ -17,7 +21,15 @@ INPUT_FIX = (
 # How ``unnormalized_detection`` starts when the hook probe ran on an input built from the model (no input given).
 SYNTHETIC_DETECTION = "forward hooks on a synthetic input"
 
-__all__ = ["ConvertedModule", "SkippedModule", "GroupFallback", "UnnormalizedConv", "Hint", "ConversionReport"]
+__all__ = [
+    "ConvertedModule",
+    "SkippedModule",
+    "GroupFallback",
+    "UnnormalizedConv",
+    "Hint",
+    "ConversionReport",
+    "warn_loud_hints",
+]
 
 
 @dataclass(frozen=True)
@@ -107,7 +119,13 @@ class ConversionReport:
     @property
     def hints(self) -> list[Hint]:
         """What to do about the findings, derived from the report's contents (so str() and to_dict() agree)."""
-        found = [_unnormalized_hint(self), _instance_norm_hint(self), _synthetic_probe_hint(self), _probe_hint(self)]
+        found = [
+            _frozen_hint(self),
+            _unnormalized_hint(self),
+            _instance_norm_hint(self),
+            _synthetic_probe_hint(self),
+            _probe_hint(self),
+        ]
         return [hint for hint in found if hint is not None]
 
     def summary(self) -> dict[str, int]:
@@ -158,6 +176,47 @@ class ConversionReport:
         if self.hints:
             lines += ["", "What to do:"] + [f"- {'Warning: ' if h.warning else ''}{h.message}" for h in self.hints]
         return "\n".join(lines)
+
+
+# Hints that are also Python warnings (convert_model returns no report): their kind and warning class.
+_WARNED_HINTS = {"probe_unavailable": ProbeUnavailableWarning, "frozen_model": FrozenModelWarning}
+
+
+def _outside_package_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the first caller outside wsconvert (the user's call)."""
+    package = __name__.partition(".")[0]
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == package:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_loud_hints(report: ConversionReport) -> None:
+    """Warn with each hint a Python caller must not miss: the unnormalized-conv probe ran and could not classify
+    the convs (``ProbeUnavailableWarning``: why, and how to give it an input), or nothing was standardized because
+    every conv is frozen (``FrozenModelWarning``). The CLI prints the same texts as ``Warning:`` lines."""
+    for hint in report.hints:
+        category = _WARNED_HINTS.get(hint.kind)
+        if category is not None:
+            warnings.warn(hint.message, category, stacklevel=_outside_package_stacklevel())
+
+
+FROZEN_PREFIX = "frozen weight (requires_grad=False)"  # starts wsconvert.rules.conv.FROZEN_REASON
+
+
+def _frozen_hint(report: ConversionReport) -> Hint | None:
+    """Every conv WS would take was left because its weight is frozen: a model frozen as a whole (saved for
+    inference, or ``requires_grad_(False)`` before converting) comes out unchanged, which is a warning."""
+    frozen = [s for s in report.skipped if s.reason.startswith(FROZEN_PREFIX)]
+    if not frozen or any(c.action == "standardized" for c in report.converted):
+        return None
+    return Hint(
+        "frozen_model",
+        f"no conv was standardized: the weights of all {len(frozen)} conv(s) it would take are frozen "
+        f"(requires_grad=False, e.g. {_where(frozen[0].path, frozen[0].also_at)}); unfreeze the model "
+        "(model.requires_grad_(True)) before converting, or pass standardize_frozen=True (CLI --standardize-frozen)",
+        warning=True,
+    )
 
 
 def _unnormalized_hint(report: ConversionReport) -> Hint | None:

@@ -42,8 +42,6 @@ buffer values (BatchNorm statistics) are restored after every forward pass and t
 from __future__ import annotations
 
 import contextlib
-import sys
-import warnings
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -54,7 +52,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..errors import InvalidOptionError, ProbeUnavailableWarning
+from ..errors import InvalidOptionError
 from ..report import INPUT_FIX, SYNTHETIC_DETECTION
 from ..rules import kinds
 from ..rules.kinds import OPTIONAL_NORMS as _OPTIONAL_NORMS  # noqa: F401  # moved to wsconvert.rules.kinds
@@ -77,7 +75,6 @@ __all__ = [
     "run_forward",
     "start_probe",
     "synthetic_input",
-    "warn_if_probe_unavailable",
 ]
 
 # What to do when a check needs a forward pass and has none (or the trace failed): said by warnings and hints.
@@ -734,7 +731,7 @@ def skip_unnormalized_steps(steps: list, probe: ProbeResult | None, options: Any
 
     ``steps`` are ``wsconvert.walk.Step``s of the probed model; a step is matched to the probe by module
     identity (``ProbeResult.feeds_of``). When detection is unavailable nothing is skipped: the report notes it,
-    and ``warn_if_probe_unavailable`` warns.
+    and ``wsconvert.report.warn_loud_hints`` warns.
     """
     from ..rules.builtin import Decision
     from ..walk import Step
@@ -749,24 +746,6 @@ def skip_unnormalized_steps(steps: list, probe: ProbeResult | None, options: Any
             step = Step(step.site, step.rule, Decision("skip", reason=reason))
         marked.append(step)
     return marked
-
-
-def _outside_package_stacklevel() -> int:
-    """The ``stacklevel`` that makes a warning point at the first caller outside wsconvert (the user's call)."""
-    package = __name__.rpartition(".probes.")[0]
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == package:
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def warn_if_probe_unavailable(report: Any) -> None:
-    """Warn (``ProbeUnavailableWarning``) with the report's ``probe_unavailable`` hint when the unnormalized-conv
-    probe ran and could not classify the convs: why, and how to give it an input. The CLI prints the same text as
-    its ``Warning:`` line (it recognizes the warning by its message being that hint's)."""
-    for hint in report.hints:
-        if hint.kind == "probe_unavailable":
-            warnings.warn(hint.message, ProbeUnavailableWarning, stacklevel=_outside_package_stacklevel())
 
 
 def probe_report_fields(steps: list, probe: ProbeResult, options: Any) -> tuple[list, str, list[str]]:
