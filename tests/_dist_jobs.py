@@ -112,6 +112,25 @@ def _eval(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"first": first, "cached": second, "uncached": uncached}
 
 
+def _fsdp2_steps(model: nn.Module, rank: int, world_size: int, size: int) -> tuple[list, list, dict]:
+    """STEPS + 1 SGD steps of a sharded model on its rank's share of each batch: (data, losses averaged over the
+    ranks, evals after the last reference step and after one more step)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    data = batches(STEPS + 1, world_size, size)
+    losses, evals = [], {}
+    for step, (x, y) in enumerate(data):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(shard(x, rank)), shard(y, rank))
+        loss.backward()
+        optimizer.step()
+        global_loss = loss.detach().clone()
+        dist.all_reduce(global_loss, op=dist.ReduceOp.AVG)
+        losses.append(global_loss)
+        if step >= STEPS - 1:
+            evals[f"after_step{step + 1}"] = _eval(model, shard(data[0][0], rank))
+    return data, losses, evals
+
+
 def fsdp2_train(rank: int, world_size: int, workdir: Path) -> dict[str, Any]:
     """Point 2: fully_shard per residual block and at the root; SGD steps; evals; full state dict; load."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
@@ -122,19 +141,7 @@ def fsdp2_train(rank: int, world_size: int, workdir: Path) -> dict[str, Any]:
         for block in layer:
             fully_shard(block)
     fully_shard(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    data = batches(STEPS + 1, world_size, 32)
-    losses, evals = [], {}
-    for step, (x, y) in enumerate(data):
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(shard(x, rank)), shard(y, rank))
-        loss.backward()
-        optimizer.step()
-        global_loss = loss.detach().clone()
-        dist.all_reduce(global_loss, op=dist.ReduceOp.AVG)
-        losses.append(global_loss)
-        if step >= STEPS - 1:  # eval after the last reference step, and again after one more step
-            evals[f"after_step{step + 1}"] = _eval(model, shard(data[0][0], rank))
+    data, losses, evals = _fsdp2_steps(model, rank, world_size, 32)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     initial = resnet18_gn().state_dict()
     set_model_state_dict(model, initial, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
@@ -421,19 +428,7 @@ def fsdp2_preserve_train(rank: int, world_size: int, workdir: Path) -> dict[str,
     fully_shard(model)
     sharded = [n for n, p in model.named_parameters() if type(p).__name__ == "DTensor"]
     buffers = {n: type(b).__name__ for n, b in model.named_buffers() if n.endswith((".gain", ".shift"))}
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    data = batches(STEPS + 1, world_size, 8)
-    losses, evals = [], {}
-    for step, (x, y) in enumerate(data):
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(shard(x, rank)), shard(y, rank))
-        loss.backward()
-        optimizer.step()
-        global_loss = loss.detach().clone()
-        dist.all_reduce(global_loss, op=dist.ReduceOp.AVG)
-        losses.append(global_loss)
-        if step >= STEPS - 1:
-            evals[f"after_step{step + 1}"] = _eval(model, shard(data[0][0], rank))
+    data, losses, evals = _fsdp2_steps(model, rank, world_size, 8)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     # On CPU the full state dict holds the unsharded buffers themselves (gain/shift), not copies: the load below
     # writes into them, so keep what was saved.

@@ -41,19 +41,13 @@ def _step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y
     return out
 
 
-def test_compiled_model_matches_eager_and_does_not_recompile_while_training() -> None:
-    torch._dynamo.reset()
-    counters.clear()
-    eager = wsconvert.convert_model(small_cnn(), gn=4)
-    to_compile = copy.deepcopy(eager)
-    initial = copy.deepcopy(eager.state_dict())
-    compiled = torch.compile(to_compile)
+def _train_like_eager(eager: nn.Module, to_compile: nn.Module, compiled: nn.Module) -> None:
+    """Three SGD steps of the compiled model and of its eager twin: equal outputs and gradients at every step; the
+    first step compiles, every later one must reuse that graph (error_on_recompile)."""
     opt_eager = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9)
     opt_compiled = torch.optim.SGD(to_compile.parameters(), lr=0.1, momentum=0.9)
     batches = [(torch.randn(2, 3, 16, 16), torch.randint(0, 5, (2,))) for _ in range(3)]
-
     for step, (x, y) in enumerate(batches):
-        # the first step compiles; every later one must reuse that graph
         with torch._dynamo.config.patch(error_on_recompile=step > 0):
             out_compiled = _step(compiled, opt_compiled, x, y)
         out_eager = _step(eager, opt_eager, x, y)
@@ -62,6 +56,16 @@ def test_compiled_model_matches_eager_and_does_not_recompile_while_training() ->
             torch.testing.assert_close(p_c.grad, p_e.grad, atol=1e-4, rtol=1e-4, msg=f"step {step}: {name}")
         opt_compiled.step()
         opt_eager.step()
+
+
+def test_compiled_model_matches_eager_and_does_not_recompile_while_training() -> None:
+    torch._dynamo.reset()
+    counters.clear()
+    eager = wsconvert.convert_model(small_cnn(), gn=4)
+    to_compile = copy.deepcopy(eager)
+    initial = copy.deepcopy(eager.state_dict())
+    compiled = torch.compile(to_compile)
+    _train_like_eager(eager, to_compile, compiled)
 
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert not counters["recompiles"], dict(counters["recompiles"])
@@ -157,18 +161,7 @@ def test_preserve_compiled_training_matches_eager_and_does_not_recompile() -> No
     assert len(gain_shift) == 4
     to_compile = copy.deepcopy(eager)
     compiled = torch.compile(to_compile)
-    opt_eager = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9)
-    opt_compiled = torch.optim.SGD(to_compile.parameters(), lr=0.1, momentum=0.9)
-    batches = [(torch.randn(2, 3, 16, 16), torch.randint(0, 5, (2,))) for _ in range(3)]
-    for step, (x, y) in enumerate(batches):
-        with torch._dynamo.config.patch(error_on_recompile=step > 0):
-            out_compiled = _step(compiled, opt_compiled, x, y)
-        out_eager = _step(eager, opt_eager, x, y)
-        torch.testing.assert_close(out_compiled, out_eager, atol=1e-4, rtol=1e-4)
-        for (name, p_c), p_e in zip(to_compile.named_parameters(), eager.parameters(), strict=True):
-            torch.testing.assert_close(p_c.grad, p_e.grad, atol=1e-4, rtol=1e-4, msg=f"step {step}: {name}")
-        opt_compiled.step()
-        opt_eager.step()
+    _train_like_eager(eager, to_compile, compiled)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"], dict(counters["stats"])
     state = to_compile.state_dict()
     for key, value in state.items():

@@ -70,12 +70,11 @@ def test_ddp_gradients_equal_single_process_on_concatenated_batch(results) -> No
         torch.testing.assert_close(rank0["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_fsdp2_trains_like_single_process_and_its_state_dict_loads(results) -> None:
-    rank0, rank1 = ok(results["fsdp2"])
-    reference = jobs.resnet18_gn()
-    initial = copy.deepcopy(reference)
+def _single_process_steps(reference: nn.Module, size: int) -> tuple[list, list, dict]:
+    """The single-process reference of the FSDP2 jobs (``jobs._fsdp2_steps``): the same STEPS + 1 steps on whole
+    batches: (data, losses, evals after the last reference step and after one more step)."""
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
-    data = jobs.batches(jobs.STEPS + 1, WORLD, 32)
+    data = jobs.batches(jobs.STEPS + 1, WORLD, size)
     losses, evals = [], {}
     for step, (x, y) in enumerate(data):
         optimizer.zero_grad()
@@ -87,6 +86,14 @@ def test_fsdp2_trains_like_single_process_and_its_state_dict_loads(results) -> N
             with torch.no_grad():
                 evals[f"after_step{step + 1}"] = reference.eval()(data[0][0])
             reference.train()
+    return data, losses, evals
+
+
+def test_fsdp2_trains_like_single_process_and_its_state_dict_loads(results) -> None:
+    rank0, rank1 = ok(results["fsdp2"])
+    reference = jobs.resnet18_gn()
+    initial = copy.deepcopy(reference)
+    data, losses, evals = _single_process_steps(reference, 32)
     with torch.no_grad():
         evals["after_load"] = initial.eval()(data[0][0])
 
@@ -264,19 +271,7 @@ def test_preserve_fsdp2_trains_like_single_process_and_round_trips_gain_shift(pr
     assert set(rank0["buffer_types"].values()) == {"Tensor"} and len(rank0["buffer_types"]) == 6  # gain/shift not
     reference = jobs.preserve_cnn()
     initial_gain_shift = jobs.gain_shift(reference)
-    optimizer = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
-    data = jobs.batches(jobs.STEPS + 1, WORLD, 8)
-    losses, evals = [], {}
-    for step, (x, y) in enumerate(data):
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(reference(x), y)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.detach())
-        if step >= jobs.STEPS - 1:
-            with torch.no_grad():
-                evals[f"after_step{step + 1}"] = reference.eval()(data[0][0])
-            reference.train()
+    data, losses, evals = _single_process_steps(reference, 8)
     other = jobs.preserve_cnn(seed=1)
     with torch.no_grad():
         evals["after_load"] = other.eval()(data[0][0])

@@ -105,11 +105,9 @@ def test_real_model_per_sample_gradients_sum_to_batch_gradient() -> None:
     assert checked == 52
 
 
-def test_dp_sgd_with_make_private_trains() -> None:
-    enable_opacus()
-    torch.manual_seed(0)
-    model = wsconvert.convert_model(tiny_cnn(bias=False), gn=4)
-    before = copy.deepcopy(model.state_dict())
+def _dp_sgd_epoch(model: nn.Module) -> tuple[PrivacyEngine, int]:
+    """One epoch of DP-SGD through ``PrivacyEngine.make_private`` on 12 random 8x8 images, batches of 4:
+    (the engine, the number of steps taken)."""
     data = torch.utils.data.TensorDataset(torch.randn(12, 3, 8, 8), torch.randint(0, 4, (12,)))
     engine = PrivacyEngine()
     private, optimizer, loader = engine.make_private(
@@ -126,6 +124,15 @@ def test_dp_sgd_with_make_private_trains() -> None:
         nn.functional.cross_entropy(private(x), y).backward()
         optimizer.step()
         steps += 1
+    return engine, steps
+
+
+def test_dp_sgd_with_make_private_trains() -> None:
+    enable_opacus()
+    torch.manual_seed(0)
+    model = wsconvert.convert_model(tiny_cnn(bias=False), gn=4)
+    before = copy.deepcopy(model.state_dict())
+    engine, steps = _dp_sgd_epoch(model)
     assert steps == 3
     assert 0 < engine.get_epsilon(delta=1e-5) < float("inf")
     after = model.state_dict()
@@ -319,22 +326,7 @@ def test_preserve_dp_sgd_with_make_private_trains_and_keeps_gain_shift() -> None
     assert len(gain_shift) == 4
     before = copy.deepcopy(model.state_dict())
     torch.manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(12, 3, 8, 8), torch.randint(0, 4, (12,)))
-    engine = PrivacyEngine()
-    private, optimizer, loader = engine.make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=torch.utils.data.DataLoader(data, batch_size=4),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        poisson_sampling=False,
-    )
-    steps = 0
-    for x, y in loader:
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(private(x), y).backward()
-        optimizer.step()
-        steps += 1
+    engine, steps = _dp_sgd_epoch(model)
     assert steps == 3 and 0 < engine.get_epsilon(delta=1e-5) < float("inf")
     after = model.state_dict()
     assert list(after) == keys  # the state-dict layout is untouched

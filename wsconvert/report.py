@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from .errors import FrozenModelWarning, ProbeUnavailableWarning
+from .rules.conv import FROZEN_REASON
 
 if TYPE_CHECKING:  # the report only holds a Fidelity; preserve (above this layer) builds it
     from .preserve.fidelity import Fidelity
@@ -201,13 +202,10 @@ def warn_loud_hints(report: ConversionReport) -> None:
             warnings.warn(hint.message, category, stacklevel=_outside_package_stacklevel())
 
 
-FROZEN_PREFIX = "frozen weight (requires_grad=False)"  # starts wsconvert.rules.conv.FROZEN_REASON
-
-
 def _frozen_hint(report: ConversionReport) -> Hint | None:
     """Every conv WS would take was left because its weight is frozen: a model frozen as a whole (saved for
     inference, or ``requires_grad_(False)`` before converting) comes out unchanged, which is a warning."""
-    frozen = [s for s in report.skipped if s.reason.startswith(FROZEN_PREFIX)]
+    frozen = [s for s in report.skipped if s.reason == FROZEN_REASON]
     if not frozen or any(c.action == "standardized" for c in report.converted):
         return None
     return Hint(

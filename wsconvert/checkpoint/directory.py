@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ArchitectureError, CheckpointError, InvalidOptionError
+from ..errors import ArchitectureError, CheckpointError
 from . import reader as ckpt
 from .arch import Architecture, arch_from_config, resolve_arch
 from .layouts import Entries, Layout, Output, _jsonable, _listed, checked_record, register_layout
@@ -502,12 +502,6 @@ def load_pretrained(path: str | os.PathLike, *, map_location: Any = "cpu") -> nn
     del state_dict
     for name in files:
         ckpt.release_mapped_pages(path / name)
-    model.eval()
-    if map_location is None:
-        return model
-    if not isinstance(map_location, (str, torch.device)):
-        raise InvalidOptionError(
-            f"map_location={map_location!r}: load_pretrained moves the model with .to(); give a device such as "
-            "'cpu', 'cuda:0' or torch.device(...)"
-        )
-    return model.to(map_location)
+    from .wholemodel import moved  # wholemodel.load calls this function: imported here, not at module level
+
+    return moved(model.eval(), map_location, caller="load_pretrained")

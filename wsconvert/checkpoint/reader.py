@@ -537,12 +537,16 @@ def check_output_directory(path: Path, *, force: bool) -> None:
             )
     elif kind != "missing":
         raise CheckpointError(f"output {path} is {kind}; pick another -o")
-    directory = path.parent
-    directory_kind = not_a_regular_file(directory)
-    if directory_kind == "missing":
+    _check_output_parent(path.parent)
+
+
+def _check_output_parent(directory: Path) -> None:
+    """The directory an output goes into exists, is a directory and is writable."""
+    kind = not_a_regular_file(directory)
+    if kind == "missing":
         raise CheckpointError(f"output directory {directory} does not exist; create it first")
-    if directory_kind != "a directory":
-        raise CheckpointError(f"output directory {directory} is {directory_kind or 'a file'}, not a directory")
+    if kind != "a directory":
+        raise CheckpointError(f"output directory {directory} is {kind or 'a file'}, not a directory")
     if not os.access(directory, os.W_OK | os.X_OK):
         raise CheckpointError(f"output directory {directory} is not writable; pick another with -o")
 
@@ -591,14 +595,7 @@ def check_output_target(path: Path, *, force: bool) -> None:
         raise CheckpointError(f"output {path} is {kind}; wsconvert writes only regular files, pick another -o")
     if os.path.lexists(path) and not force:
         raise CheckpointError(f"output {path} already exists; pass --force to overwrite it or -o to pick another name")
-    directory = path.parent
-    directory_kind = not_a_regular_file(directory)
-    if directory_kind == "missing":
-        raise CheckpointError(f"output directory {directory} does not exist; create it first")
-    if directory_kind != "a directory":
-        raise CheckpointError(f"output directory {directory} is {directory_kind or 'a file'}, not a directory")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise CheckpointError(f"output directory {directory} is not writable; pick another with -o")
+    _check_output_parent(path.parent)
 
 
 def _temp_path(path: Path) -> Path:

@@ -43,12 +43,14 @@ __all__ = ["load", "MAIN_ENTRIES"]
 MAIN_ENTRIES = tuple(key for key in ckpt.MODEL_KEYS if "ema" not in key)
 
 
-def _moved(model: nn.Module, map_location: Any) -> nn.Module:
+def moved(model: nn.Module, map_location: Any, caller: str = "wsconvert.load") -> nn.Module:
+    """``model`` on the device ``map_location`` names (None: where it is); InvalidOptionError for anything else
+    (a callable or dict, which torch.load takes but ``.to()`` does not)."""
     if map_location is None:
         return model
     if not isinstance(map_location, (str, torch.device)):
         raise InvalidOptionError(
-            f"map_location={map_location!r}: wsconvert.load moves the model with .to(); give a device "
+            f"map_location={map_location!r}: {caller} moves the model with .to(); give a device "
             "such as 'cpu', 'cuda:0' or torch.device(...)"
         )
     return model.to(map_location)
@@ -130,7 +132,7 @@ def load(path: str | os.PathLike, *, map_location: Any = "cpu", entry: str | Non
     loaded = ckpt.load_checkpoint(path, trust_pickle=True)
     record = _record(loaded)
     if loaded.kind == "module":
-        return _moved(loaded.obj, map_location)
+        return moved(loaded.obj, map_location)
     if record is None:
         raise CheckpointError(
             f"{path} was not written by wsconvert (no {ckpt.INFO_KEY!r} record of the architecture and options); "
@@ -138,13 +140,13 @@ def load(path: str | os.PathLike, *, map_location: Any = "cpu", entry: str | Non
         )
     obj = loaded.obj
     if record.get("format") == MODULES_FORMAT:
-        return _moved(_pick_module(obj, entry, path), map_location)
+        return moved(_pick_module(obj, entry, path), map_location)
     if record.get("format") == WHOLE_MODEL_FORMAT:
         if not isinstance(obj.get("module"), nn.Module) or not isinstance(obj.get("state_dict"), Mapping):
             raise CheckpointError(f"{path} is a damaged wsconvert whole-model file (no 'module' or 'state_dict')")
         model = convert_model(obj["module"], **record.get("options", {}), inplace=True)
         model.load_state_dict(obj["state_dict"], strict=True)
-        return _moved(model, map_location)
+        return moved(model, map_location)
     options = dict(record.get("options") or {})
     spec, kwargs = record.get("arch"), record.get("arch_kwargs") or {}
     if record.get("bake"):
@@ -179,4 +181,4 @@ def load(path: str | os.PathLike, *, map_location: Any = "cpu", entry: str | Non
             f"{where} does not load into {architecture.describe()} converted with {json.dumps(options)}: "
             f"{' '.join(str(error).split())[:300]}"
         ) from None
-    return _moved(model, map_location)
+    return moved(model, map_location)

@@ -239,6 +239,18 @@ def _channel_sums(t: Tensor) -> Tensor:
     return t.sum(dims) if dims else t
 
 
+def _fittable_original(reference: nn.Module, path: str, gn: nn.Module) -> nn.Module | None:
+    """The BatchNorm at ``path`` in ``reference`` that the GroupNorm ``gn`` replaced, when ``gn`` has an affine to
+    fit and that BatchNorm has running statistics to fit it to; else None."""
+    if gn.weight is None or gn.bias is None:
+        return None
+    try:
+        original = reference.get_submodule(path)
+    except AttributeError:
+        return None
+    return original if _batchnorm_terms(original) is not None else None
+
+
 def fit_affines(reference: nn.Module, converted: nn.Module, pairs: Sequence[NormPair], batches: list[Tensor]) -> set:
     """Least-squares fit of every paired GroupNorm's affine, layer by layer in forward order; returns the paths
     fitted. ``reference`` is the unconverted model; the replaced norms are looked up in it by path."""
@@ -246,13 +258,8 @@ def fit_affines(reference: nn.Module, converted: nn.Module, pairs: Sequence[Norm
     with eval_mode(reference, converted):
         order = _forward_order(converted, pairs, batches[0])
         for path, _, gn in order:
-            if gn.weight is None or gn.bias is None:
-                continue
-            try:
-                original = reference.get_submodule(path)
-            except AttributeError:
-                continue
-            if _batchnorm_terms(original) is None:
+            original = _fittable_original(reference, path, gn)
+            if original is None:
                 continue
             sums = None
             for index, batch in enumerate(batches):
@@ -379,13 +386,8 @@ def distill_affines(
     gns: dict[str, nn.Module] = {}
     originals: dict[str, nn.Module] = {}
     for path, _, gn in pairs:
-        if gn.weight is None or gn.bias is None:
-            continue
-        try:
-            original = reference.get_submodule(path)
-        except AttributeError:
-            continue
-        if _batchnorm_terms(original) is not None:
+        original = _fittable_original(reference, path, gn)
+        if original is not None:
             gns[path], originals[path] = gn, original
     params = [p for gn in gns.values() for p in (gn.weight, gn.bias)]
     if steps <= 0 or not params:
